@@ -1,0 +1,240 @@
+"""Carry out a plan: keys, certificates, ledger and CRL written; never decides anything.
+
+Order of effects: the CA (bootstrap), each new key and certificate, the ledger, the CRL, and only
+then the removal of files of revoked names, so a revocation is recorded before evidence goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography import x509
+
+from reconciler import pki
+from reconciler.errors import SecretError, StateError
+from reconciler.model import (
+    Action,
+    CertKind,
+    CertStatus,
+    Issuance,
+    Ledger,
+    LedgerEntry,
+    Observed,
+    Plan,
+)
+from reconciler.secrets import Passphrase
+from reconciler.store import StateDir, encode_ledger
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    changed: tuple[str, ...] = ()  # state-relative paths written or removed, in order
+    issued: tuple[tuple[str, int], ...] = ()  # (action subject, new serial)
+
+
+def _unique_serial(taken: set[int]) -> int:
+    while True:
+        serial = x509.random_serial_number()  # 159 random bits, positive
+        if serial > 0 and serial not in taken:
+            taken.add(serial)
+            return serial
+
+
+def _unlock_ca(store: StateDir, passphrase: Passphrase) -> tuple[x509.Certificate, pki.PrivateKey]:
+    cert_data, key_data = store.read(store.ca_cert), store.read(store.ca_key)
+    if cert_data is None or key_data is None:
+        raise StateError("the CA files vanished while planning; run the command again")
+    try:
+        key = pki.decrypt_key(key_data, passphrase.reveal())
+    except (ValueError, TypeError):
+        raise SecretError(
+            f"the CA passphrase from {passphrase.origin} does not unlock "
+            "ca/ca.key; set the right one (nothing was written)"
+        ) from None
+    cert = pki.load_certificates(cert_data)[0]
+    if not pki.same_public_key(cert.public_key(), key.public_key()):
+        raise StateError(
+            "ca/ca.key does not belong to ca/ca.crt; restore both from git (nothing was written)"
+        )
+    return cert, key
+
+
+def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passphrase) -> None:
+    """Refuse a key passphrase that does not open the keys already issued."""
+    for leaf in observed.leaves:
+        if leaf.key.problem is None and leaf.cert is not None and leaf.cert.signed_by_ca:
+            data = store.read(store.leaf_key(leaf.kind, leaf.name))
+            if data is None:
+                continue
+            try:
+                pki.decrypt_key(data, passphrase.reveal())
+            except (ValueError, TypeError):
+                raise SecretError(
+                    f"the key passphrase from {passphrase.origin} does not "
+                    f"unlock {leaf.kind.directory}/{leaf.name}.key; set the one "
+                    "the existing keys use (nothing was written)"
+                ) from None
+            return
+
+
+def _ledger_after(
+    ledger: Ledger, actions: Iterable[Action], new: list[LedgerEntry], crl_number: int | None
+) -> Ledger:
+    revoked = {r.serial: r for action in actions for r in action.revoke}
+    superseded = {serial for action in actions for serial in action.supersede}
+    entries = []
+    for entry in ledger.entries:
+        if entry.serial in revoked:
+            revocation = revoked[entry.serial]
+            entry = dataclasses.replace(
+                entry,
+                status=CertStatus.REVOKED,
+                revoked_at=revocation.revoked_at,
+                reason=revocation.reason,
+            )
+        elif entry.serial in superseded and entry.status is CertStatus.VALID:
+            entry = dataclasses.replace(entry, status=CertStatus.SUPERSEDED)
+        entries.append(entry)
+    entries.extend(new)
+    return Ledger(
+        entries=tuple(entries),
+        crl_number=crl_number if crl_number is not None else ledger.crl_number,
+    )
+
+
+def apply(
+    plan: Plan,
+    observed: Observed,
+    store: StateDir,
+    *,
+    ca_passphrase: Passphrase | None,
+    key_passphrase: Passphrase | None,
+) -> Outcome:
+    """Execute every change in plan. Checks both passphrases before the first write."""
+    if plan.blockers:
+        raise StateError(plan.blockers[0])
+    changes = plan.changes
+    if not changes:
+        return Outcome()
+    if ca_passphrase is None:
+        raise SecretError(
+            "the CA passphrase is needed to sign; set RECONCILER_CA_PASSPHRASE "
+            "or --ca-passphrase-file (nothing was written)"
+        )
+    issuing = [action for action in changes if action.issue is not None]
+    if issuing and key_passphrase is None:
+        raise SecretError(
+            "the key passphrase is needed to store new keys; set "
+            "RECONCILER_KEY_PASSPHRASE or --key-passphrase-file "
+            "(nothing was written)"
+        )
+    ca_action = next((action.ca for action in changes if action.ca is not None), None)
+    writer = _Writer(store)
+
+    if ca_action is None:
+        ca_cert, ca_key = _unlock_ca(store, ca_passphrase)
+        if issuing and key_passphrase is not None:
+            _check_key_passphrase(observed, store, key_passphrase)
+    else:
+        ca_key = pki.generate_key(ca_action.spec.key)
+        ca_cert = pki.build_ca_certificate(
+            ca_action.spec,
+            ca_key,
+            serial=x509.random_serial_number(),
+            not_before=ca_action.not_before,
+            not_after=ca_action.not_after,
+        )
+        writer.write(store.ca_key, pki.encrypt_key(ca_key, ca_passphrase.reveal()), secret=True)
+        writer.write(store.ca_cert, pki.pem(ca_cert))
+
+    taken = {entry.serial for entry in observed.ledger.entries}
+    new_entries: list[LedgerEntry] = []
+    issued: list[tuple[str, int]] = []
+    for action in issuing:
+        assert action.issue is not None
+        assert key_passphrase is not None
+        entry = _issue(action.issue, writer, ca_cert, ca_key, key_passphrase, taken)
+        new_entries.append(entry)
+        issued.append((action.subject, entry.serial))
+
+    crl_action = next((action.crl for action in changes if action.crl is not None), None)
+    ledger = _ledger_after(
+        observed.ledger, changes, new_entries, crl_action.number if crl_action else None
+    )
+    writer.write(store.ledger, encode_ledger(ledger))
+    if crl_action is not None:
+        crl = pki.build_crl(
+            ca_cert,
+            ca_key,
+            number=crl_action.number,
+            this_update=crl_action.this_update,
+            next_update=crl_action.next_update,
+            revoked=crl_action.revoked,
+        )
+        writer.write(store.crl, pki.pem(crl))
+
+    for action in changes:
+        if action.remove_files:
+            kind_text, _, name = action.subject.partition("/")
+            kind = CertKind(kind_text)
+            writer.remove(store.leaf_key(kind, name))
+            writer.remove(store.leaf_cert(kind, name))
+    return Outcome(changed=tuple(writer.changed), issued=tuple(issued))
+
+
+class _Writer:
+    """Writes through the store and remembers which state-relative paths changed."""
+
+    def __init__(self, store: StateDir) -> None:
+        self.store = store
+        self.changed: list[str] = []
+
+    def write(self, path: Path, data: bytes, *, secret: bool = False) -> None:
+        self.store.write(path, data, secret=secret)
+        self.changed.append(self.store.relative(path))
+
+    def remove(self, path: Path) -> None:
+        if self.store.remove(path):
+            self.changed.append(self.store.relative(path))
+
+
+def _issue(
+    issuance: Issuance,
+    writer: _Writer,
+    ca_cert: x509.Certificate,
+    ca_key: pki.PrivateKey,
+    passphrase: Passphrase,
+    taken: set[int],
+) -> LedgerEntry:
+    spec = issuance.spec
+    key = pki.generate_key(spec.key)
+    serial = _unique_serial(taken)
+    cert = pki.build_leaf_certificate(
+        spec,
+        key.public_key(),
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        serial=serial,
+        not_before=issuance.not_before,
+        not_after=issuance.not_after,
+    )
+    key_pem = pki.encrypt_key(key, passphrase.reveal())
+    store = writer.store
+    writer.write(store.leaf_key(spec.kind, spec.name), key_pem, secret=True)
+    writer.write(store.leaf_cert(spec.kind, spec.name), pki.pem(cert))
+    facts = pki.certificate_facts(cert, None)
+    return LedgerEntry(
+        serial=serial,
+        kind=spec.kind,
+        name=spec.name,
+        not_before=facts.not_before,
+        not_after=facts.not_after,
+        key=spec.key.value,
+        spec=spec.spec_hash(),
+        generation=spec.generation,
+        fingerprint=facts.fingerprint,
+        key_sha256=hashlib.sha256(key_pem).hexdigest(),
+    )

@@ -1,0 +1,247 @@
+"""The command line: parses arguments, reads the clock (here only), prints, maps exit codes.
+
+Exit codes: 0 success; 1 the user must act (one message on stderr); 2 `plan
+--detailed-exitcode` found changes; 70 a bug (with a traceback, please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from reconciler import __version__, engine, render
+from reconciler.errors import ReconcilerError, UsageError
+from reconciler.model import format_serial
+from reconciler.report import State
+from reconciler.secrets import SecretSources, Which
+
+EXIT_OK, EXIT_USER, EXIT_CHANGES, EXIT_BUG = 0, 1, 2, 70
+_LOSS = {
+    Which.CA: "without it the CA can never sign again.",
+    Which.KEY: "without it the stored client and server keys cannot be exported.",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage; here 2 means 'changes found', so usage errors exit 1."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `reconciler --help`")
+
+
+def _parse_now(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)  # the one place the clock is read
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--now {text!r} is not an ISO-8601 time; write one such as 2027-01-31T12:00:00Z"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="reconciler",
+        description="Reconcile PostgreSQL client and server certificates with state/users.yaml.",
+    )
+    parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=Path("state"),
+        metavar="DIR",
+        help="the state directory holding users.yaml (default: state)",
+    )
+    parser.add_argument(
+        "--now", metavar="ISO-8601", help="pretend it is this time (tests, simulation, drills)"
+    )
+    parser.add_argument(
+        "--secrets-dir",
+        type=Path,
+        metavar="DIR",
+        help="where local passphrase files live (default: .secrets beside the state directory)",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    commands.add_parser("init", help="scaffold a state directory with an example users.yaml")
+    commands.add_parser("validate", help="check users.yaml; needs no secret")
+    plan = commands.add_parser("plan", help="show what apply would do; needs no secret")
+    form = plan.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print the plan as JSON")
+    form.add_argument("--markdown", action="store_true", help="print the plan as Markdown")
+    plan.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 2 when there are changes, 0 when there are none",
+    )
+    for name in ("apply", "reconcile"):
+        apply = commands.add_parser(
+            name, help="carry out the plan" if name == "apply" else "alias of apply"
+        )
+        apply.add_argument(
+            "--no-commit",
+            action="store_true",
+            help="write the state directory but make no git commit",
+        )
+        apply.add_argument(
+            "--ca-passphrase-file",
+            type=Path,
+            metavar="FILE",
+            help=f"read the CA passphrase from FILE instead of ${Which.CA.env}",
+        )
+        apply.add_argument(
+            "--key-passphrase-file",
+            type=Path,
+            metavar="FILE",
+            help=f"read the key passphrase from FILE instead of ${Which.KEY.env}",
+        )
+    status = commands.add_parser("status", help="what is on disk, with days left")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    status.add_argument(
+        "--warn-days",
+        type=int,
+        metavar="N",
+        help="exit 1 when a certificate or the CRL runs out within N days",
+    )
+    return parser
+
+
+def _sources(args: argparse.Namespace, environ: Mapping[str, str]) -> SecretSources:
+    files = {}
+    if getattr(args, "ca_passphrase_file", None) is not None:
+        files[Which.CA] = args.ca_passphrase_file
+    if getattr(args, "key_passphrase_file", None) is not None:
+        files[Which.KEY] = args.key_passphrase_file
+    secrets_dir = args.secrets_dir or args.state.absolute().parent / ".secrets"
+    return SecretSources(secrets_dir=secrets_dir, environ=environ, files=files)
+
+
+def _init(args: argparse.Namespace, out: TextIO) -> int:
+    target = args.state / "users.yaml"
+    if target.exists():
+        raise UsageError(f"{target} already exists; edit it, or choose another --state")
+    example = resources.files("reconciler").joinpath("example-users.yaml").read_text("utf-8")
+    args.state.mkdir(parents=True, exist_ok=True)
+    target.write_text(example, encoding="utf-8")
+    out.write(
+        f"Wrote {target}. Edit it, check it with `reconciler validate`, see the changes "
+        "with `reconciler plan`, then run `reconciler apply`.\n"
+    )
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    snap = engine.snapshot(args.state)
+    users = sum(1 for leaf in snap.desired.leaves if leaf.kind.value == "client")
+    out.write(
+        f"{snap.store.users_yaml} is valid: {users} users, "
+        f"{len(snap.desired.leaves) - users} servers.\n"
+    )
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
+    plan = engine.plan_state(args.state, now)
+    out.write(
+        render.plan_json(plan)
+        if args.json
+        else render.plan_markdown(plan)
+        if args.markdown
+        else render.plan_text(plan)
+    )
+    if plan.blockers:
+        err.write("reconciler: apply is blocked until the problems above are fixed.\n")
+        return EXIT_USER
+    return EXIT_CHANGES if args.detailed_exitcode and plan.changes else EXIT_OK
+
+
+def _apply(
+    args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    report = engine.reconcile(args.state, now, _sources(args, environ))
+    for passphrase in report.bootstrapped:
+        which = Which.CA if passphrase.origin.endswith(Which.CA.file_name) else Which.KEY
+        err.write(
+            f"reconciler: generated a new {which.label} passphrase in {passphrase.origin} "
+            f"(mode 0600). Store it in your CI secret store as {which.env} and in your "
+            f"password manager: {_LOSS[which]}\n"
+        )
+    if not report.plan.changes:
+        out.write(f"Nothing to do: {render.summary(report.plan)}.\n")
+        return EXIT_OK
+    out.write(render.plan_text(report.plan))
+    issued = dict(report.outcome.issued)
+    for subject, serial in issued.items():
+        out.write(f"  {subject}: new serial {format_serial(serial)}\n")
+    out.write(
+        f"Done: {render.done_summary(report.plan)}; "
+        f"{len(report.outcome.changed)} files changed under {args.state}.\n"
+    )
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
+    rows = engine.status(args.state, now)
+    out.write(render.status_json(rows) if args.json else render.status_text(rows))
+    if args.warn_days is None:
+        return EXIT_OK
+    soon = [
+        r
+        for r in rows
+        if r.state in (State.VALID, State.EXPIRING, State.EXPIRED, State.UNUSABLE, State.MISSING)
+        and r.kind in ("ca", "crl", "client", "server")
+        and (r.days_left is None or r.days_left < args.warn_days)
+    ]
+    if soon:
+        names = ", ".join(
+            f"{r.kind}/{r.name} ({r.state}"
+            + (f", {r.days_left} days left)" if r.days_left is not None else ")")
+            for r in soon
+        )
+        err.write(f"reconciler: within {args.warn_days} days: {names}; run `make renew`.\n")
+        return EXIT_USER
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run one command; returns the exit code. Tests call this directly."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    env = os.environ if environ is None else environ
+    try:
+        args = _build_parser().parse_args(argv)
+        now = _parse_now(args.now)
+        handlers: dict[str, Callable[[], int]] = {
+            "init": lambda: _init(args, out),
+            "validate": lambda: _validate(args, out),
+            "plan": lambda: _plan(args, now, out, err),
+            "apply": lambda: _apply(args, now, env, out, err),
+            "reconcile": lambda: _apply(args, now, env, out, err),
+            "status": lambda: _status(args, now, out, err),
+        }
+        return handlers[args.command]()
+    except ReconcilerError as exc:
+        err.write(f"reconciler: {exc}\n")
+        return EXIT_USER
+    except KeyboardInterrupt:
+        err.write("reconciler: interrupted\n")
+        return 130
+    except Exception:
+        traceback.print_exc(file=err)
+        err.write("reconciler: this is a bug; please report it with the lines above.\n")
+        return EXIT_BUG

@@ -1,0 +1,602 @@
+"""Load state/users.yaml into a Desired value, or explain every problem with its line.
+
+Order: bytes (size, UTF-8) → YAML nodes (safe loader, duplicate keys refused, line of every
+value kept) → JSON Schema (schema/users.schema.json) → semantic checks → Desired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import ipaddress
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
+from datetime import timedelta
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from reconciler.errors import DesiredStateError
+from reconciler.model import (
+    DEFAULT_RENEW_BEFORE,
+    CASpec,
+    CertKind,
+    CRLSpec,
+    Desired,
+    HbaRule,
+    KeyType,
+    LeafSpec,
+    RenewBefore,
+    Subject,
+)
+
+MAX_FILE_BYTES = 32 * 1024 * 1024
+NODES_PER_BYTE = 1  # without aliases a document has fewer nodes than bytes; aliases may not
+NODE_ALLOWANCE = 1000  # ... multiply that beyond this slack (alias bombs stop here)
+MAX_VALIDITY = timedelta(days=36500)
+SUBJECT_ORDER = ("C", "ST", "L", "O", "OU", "CN")
+RESERVED_ROLE_NAMES = frozenset({"public", "none", "current_user", "session_user", "current_role"})
+HBA_ADDRESS_KEYWORDS = frozenset({"all", "samehost", "samenet"})
+
+DocPath = tuple[str | int, ...]
+
+_SCALAR_TAG = "tag:yaml.org,2002:"
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema of format version 1 (schema/users.schema.json, shipped in the package)."""
+    text = resources.files("reconciler").joinpath("users.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+def format_path(path: DocPath) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(top level)"
+
+
+@dataclasses.dataclass
+class _Problems:
+    """Collects 'FILE:LINE: PATH: message' lines, each with the line of the offending value."""
+
+    display: str
+    lines: dict[DocPath, int]
+    found: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+    def line_of(self, path: DocPath) -> int:
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def add(self, path: DocPath, message: str) -> None:
+        line = self.line_of(path)
+        self.found.append((line, f"{self.display}:{line}: {format_path(path)}: {message}"))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise DesiredStateError([text for _, text in sorted(self.found, key=lambda f: f[0])])
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _NodeBudgetExceeded(Exception):
+    pass
+
+
+class _Builder:
+    """Turns composed YAML nodes into plain Python values, remembering each value's line."""
+
+    def __init__(self, display: str, max_nodes: int) -> None:
+        self.max_nodes = max_nodes
+        self.lines: dict[DocPath, int] = {}
+        self.problems: list[tuple[int, str]] = []
+        self.display = display
+        self.nodes = 0
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def _problem(self, node: yaml.Node, path: DocPath, message: str) -> None:
+        line = node.start_mark.line + 1
+        self.problems.append((line, f"{self.display}:{line}: {format_path(path)}: {message}"))
+
+    def build(self, node: yaml.Node, path: DocPath) -> Any:
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            raise _NodeBudgetExceeded
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != _SCALAR_TAG + "seq":
+                self._problem(node, path, f"unsupported YAML tag {node.tag}; remove the tag")
+                return None
+            return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        return self._scalar(node, path)
+
+    def _mapping(self, node: yaml.MappingNode, path: DocPath) -> Any:
+        if node.tag != _SCALAR_TAG + "map":
+            self._problem(node, path, f"unsupported YAML tag {node.tag}; remove the tag")
+            return None
+        result: dict[str, Any] = {}
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _SCALAR_TAG + "merge":
+                self._problem(
+                    key_node,
+                    path,
+                    "YAML merge keys (<<) are not supported; "
+                    "write the keys out, or move shared values under defaults",
+                )
+                continue
+            key = self._scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self._problem(
+                    key_node, path, "a mapping key must be plain text; quote it or rename it"
+                )
+                continue
+            key_line = key_node.start_mark.line + 1
+            if key in result:
+                self._problem(
+                    key_node,
+                    (*path, key),
+                    f"duplicate key {key!r} (first at line {first_line[key]}); keep one of them",
+                )
+                continue
+            first_line[key] = key_line
+            self.lines[(*path, key)] = key_line
+            result[key] = self.build(value_node, (*path, key))
+        return result
+
+    def _scalar(self, node: yaml.ScalarNode, path: DocPath) -> Any:
+        tag = node.tag
+        constructors = {
+            "str": self.constructor.construct_yaml_str,
+            "int": self.constructor.construct_yaml_int,
+            "float": self.constructor.construct_yaml_float,
+            "bool": self.constructor.construct_yaml_bool,
+            "null": self.constructor.construct_yaml_null,
+            "timestamp": self.constructor.construct_yaml_str,  # kept as written; never valid here
+        }
+        kind = tag.removeprefix(_SCALAR_TAG) if tag.startswith(_SCALAR_TAG) else None
+        if kind not in constructors:
+            self._problem(
+                node,
+                path,
+                f"unsupported YAML tag {tag}; users.yaml holds only "
+                "mappings, lists, text and numbers, so remove the tag",
+            )
+            return None
+        return constructors[kind](node)
+
+
+def _read_text(path: Path, display: str) -> str:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise DesiredStateError(
+            [
+                f"{display}: no such file; create it with `reconciler init` "
+                "or point --state at the directory that holds it"
+            ]
+        ) from None
+    except OSError as exc:
+        raise DesiredStateError(
+            [f"{display}: cannot read it ({exc.strerror}); check the path and its permissions"]
+        ) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise DesiredStateError(
+            [
+                f"{display}:1: the file is larger than "
+                f"{MAX_FILE_BYTES // (1024 * 1024)} MiB; split nothing, but "
+                "check that the right file is being read"
+            ]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DesiredStateError(
+            [f"{display}:{line}: byte {exc.start} is not UTF-8; save the file as UTF-8"]
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def parse_yaml(text: str, display: str) -> tuple[Any, dict[DocPath, int]]:
+    """Parse YAML text into plain values and a map from document path to line number."""
+    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise DesiredStateError(
+            [
+                f"{display}:{line}: the file contains the control character "
+                f"{bad.group()!r}; remove it (write \\t, \\0 and the like "
+                "only as escapes inside double quotes)"
+            ]
+        )
+    try:
+        root = yaml.compose(text, Loader=_YAML_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        what = exc.problem or exc.context or "not valid YAML"
+        raise DesiredStateError(
+            [
+                f"{display}:{line}: YAML syntax error: {what}; fix the "
+                "syntax (indent with spaces, put a space after each ':')"
+            ]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise DesiredStateError([f"{display}:1: not valid YAML ({exc}); fix the syntax"]) from None
+    except RecursionError:
+        raise DesiredStateError(
+            [f"{display}:1: the document is nested too deeply; users.yaml needs only a few levels"]
+        ) from None
+    if root is None:
+        raise DesiredStateError(
+            [
+                f"{display}:1: the file is empty; start it with `version: 1` "
+                "and a `ca:` section (see `reconciler init`)"
+            ]
+        )
+    builder = _Builder(display, len(text) * NODES_PER_BYTE + NODE_ALLOWANCE)
+    try:
+        document = builder.build(root, ())
+    except _NodeBudgetExceeded:
+        raise DesiredStateError(
+            [
+                f"{display}:1: YAML aliases expand the document to more "
+                f"than {builder.max_nodes} values; write the entries out "
+                "instead of using aliases"
+            ]
+        ) from None
+    except RecursionError:
+        raise DesiredStateError(
+            [f"{display}:1: the document is nested too deeply; users.yaml needs only a few levels"]
+        ) from None
+    if builder.problems:
+        raise DesiredStateError([text for _, text in sorted(builder.problems)])
+    return document, builder.lines
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "empty"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+_TYPE_WORDS = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "text",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+}
+
+
+def _schema_problems(document: Any, problems: _Problems) -> None:
+    for error in _validator().iter_errors(document):
+        path: DocPath = tuple(error.absolute_path)
+        hint = error.schema.get("x-hint") if isinstance(error.schema, dict) else None
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            for key in sorted(set(error.instance) - set(allowed)):
+                close = difflib.get_close_matches(key, allowed, n=1)
+                advice = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else f"allowed here: {', '.join(allowed)}"
+                )
+                problems.add((*path, key), f"unknown key {key!r}; {advice}")
+        elif error.validator == "required":
+            for key in error.validator_value:
+                if isinstance(error.instance, dict) and key not in error.instance:
+                    problems.add(path, f"the required key {key!r} is missing; add it")
+        elif error.validator == "type":
+            expected = _TYPE_WORDS.get(str(error.validator_value), str(error.validator_value))
+            message = f"must be {expected}, not {_describe_value(error.instance)}"
+            if isinstance(error.instance, bool | int | float) and error.validator_value == "string":
+                message += " (quote it: YAML reads yes, no, on, off and bare numbers as values)"
+            problems.add(path, message + (f"; {hint}" if hint else ""))
+        elif error.validator == "const" and hint:
+            problems.add(path, f"{error.instance!r} is not supported; {hint}")
+        elif hint and error.validator in {
+            "pattern",
+            "minLength",
+            "maxLength",
+            "minimum",
+            "maximum",
+            "enum",
+        }:
+            problems.add(path, f"{error.instance!r} is not valid; {hint}")
+        else:
+            problems.add(path, f"{error.message}; fix this value")
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def parse_duration(text: str) -> timedelta:
+    number, unit = int(text[:-1]), text[-1]
+    return timedelta(days=number) if unit == "d" else timedelta(hours=number)
+
+
+def parse_renew_before(text: str) -> RenewBefore:
+    if text.endswith("%"):
+        return RenewBefore(share=Fraction(int(text[:-1]), 100))
+    return RenewBefore(duration=parse_duration(text))
+
+
+def role_name_problem(name: str) -> str | None:
+    """Why a role name cannot become a certificate CN and a file name, or None."""
+    if len(name.encode("utf-8")) > 63:
+        return (
+            f"the role name is {len(name.encode('utf-8'))} bytes of UTF-8, more than "
+            "PostgreSQL's 63; shorten it"
+        )
+    if "/" in name or name.startswith("."):
+        return "a role name must not contain '/' or start with '.'; rename it"
+    for char in name:
+        if unicodedata.category(char) in {"Cc", "Cf"}:
+            return (
+                f"the role name contains the control or format character U+{ord(char):04X}; "
+                "remove it"
+            )
+    if name.startswith("pg_"):
+        return "role names starting with 'pg_' are reserved by PostgreSQL; rename it"
+    if name in RESERVED_ROLE_NAMES:
+        return f"{name!r} is reserved by PostgreSQL and cannot be a role; rename it"
+    return None
+
+
+def _key_type(text: str) -> KeyType | str:
+    """The KeyType, or a sentence saying why the text is refused."""
+    try:
+        return KeyType(text)
+    except ValueError:
+        pass
+    bits = int(text.removeprefix("rsa-")) if text.startswith("rsa-") else None
+    if bits is not None and bits < 2048:
+        return f"{text} is too weak: RSA keys shorter than 2048 bits are refused; use rsa-3072"
+    return (
+        f"{text} is not supported; use rsa-2048, rsa-3072, rsa-4096, ecdsa-p256, ecdsa-p384 "
+        "or ed25519"
+    )
+
+
+def _hba_address_problem(address: str) -> str | None:
+    if address in HBA_ADDRESS_KEYWORDS:
+        return None
+    try:
+        if "/" not in address:
+            ipaddress.ip_address(address)
+            return None
+        ipaddress.ip_network(address, strict=True)
+        return None
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return (
+            f"{address!r} is not an IP address or CIDR; write one such as 10.0.6.188/32, "
+            "or all, samehost, samenet"
+        )
+    host = address.split("/", 1)[0]
+    return (
+        f"{address!r} has host bits set; write {network} for the network or "
+        f"{host}/{network.max_prefixlen} for the one host"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Defaults:
+    key: KeyType
+    validity: timedelta
+    renew_before: RenewBefore
+    renew_path: DocPath | None
+    subject: dict[str, str]
+
+
+def _subject(attributes: dict[str, str], common_name: str | None) -> Subject:
+    merged = dict(attributes)
+    if common_name is not None:
+        merged["CN"] = common_name
+    return tuple((attr, merged[attr]) for attr in SUBJECT_ORDER if attr in merged)
+
+
+class _SemanticChecker:
+    def __init__(self, document: dict[str, Any], problems: _Problems) -> None:
+        self.doc = document
+        self.problems = problems
+
+    def key(self, text: str, path: DocPath) -> KeyType:
+        result = _key_type(text)
+        if isinstance(result, KeyType):
+            return result
+        self.problems.add(path, result)
+        return KeyType.ECDSA_P256
+
+    def validity(self, text: str, path: DocPath) -> timedelta:
+        duration = parse_duration(text)
+        if duration > MAX_VALIDITY:
+            self.problems.add(path, f"{text} is longer than 100 years; shorten it")
+        return duration
+
+    def check_window(
+        self, renew: RenewBefore, renew_path: DocPath | None, validity: timedelta, where: DocPath
+    ) -> None:
+        if renew.duration is not None and renew.duration >= validity:
+            self.problems.add(
+                renew_path or where,
+                "renew_before must be shorter than validity "
+                f"({renew.describe()} is not shorter than "
+                f"{int(validity.total_seconds()) // 3600}h); shorten it or "
+                "write a share such as 33%",
+            )
+
+    def run(self) -> Desired:
+        doc = self.doc
+        ca_doc = doc["ca"]
+        ca = CASpec(
+            subject=_subject(ca_doc["subject"], None),
+            key=self.key(ca_doc.get("key", "rsa-4096"), ("ca", "key")),
+            validity=self.validity(ca_doc.get("validity", "3650d"), ("ca", "validity")),
+        )
+        crl_doc = doc.get("crl", {})
+        crl = CRLSpec(
+            validity=self.validity(crl_doc.get("validity", "30d"), ("crl", "validity")),
+            refresh_before=parse_duration(crl_doc.get("refresh_before", "20d")),
+        )
+        if crl.refresh_before >= crl.validity:
+            self.problems.add(
+                ("crl", "refresh_before" if "refresh_before" in crl_doc else "validity"),
+                "crl.refresh_before must be shorter than crl.validity; shorten it",
+            )
+        defaults_doc = doc.get("defaults", {})
+        defaults = _Defaults(
+            key=self.key(defaults_doc.get("key", "ecdsa-p256"), ("defaults", "key")),
+            validity=self.validity(defaults_doc.get("validity", "365d"), ("defaults", "validity")),
+            renew_before=(
+                parse_renew_before(defaults_doc["renew_before"])
+                if "renew_before" in defaults_doc
+                else DEFAULT_RENEW_BEFORE
+            ),
+            renew_path=("defaults", "renew_before") if "renew_before" in defaults_doc else None,
+            subject=dict(defaults_doc.get("subject", {})),
+        )
+        leaves = [
+            *self._entries("users", CertKind.CLIENT, defaults),
+            *self._entries("servers", CertKind.SERVER, defaults),
+        ]
+        return Desired(ca=ca, crl=crl, leaves=tuple(leaves))
+
+    def _entries(self, section: str, kind: CertKind, defaults: _Defaults) -> Iterator[LeafSpec]:
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.doc.get(section, [])):
+            path: DocPath = (section, index)
+            name: str = entry["name"]
+            if name in seen:
+                self.problems.add(
+                    (*path, "name"),
+                    f"{name!r} is listed twice (first at line "
+                    f"{self.problems.line_of((section, seen[name], 'name'))}); "
+                    "keep one entry",
+                )
+            seen.setdefault(name, index)
+            if kind is CertKind.CLIENT:
+                problem = role_name_problem(name)
+                if problem:
+                    self.problems.add((*path, "name"), problem)
+            validity = (
+                self.validity(entry["validity"], (*path, "validity"))
+                if "validity" in entry
+                else defaults.validity
+            )
+            renew, renew_path = defaults.renew_before, defaults.renew_path
+            if "renew_before" in entry:
+                renew = parse_renew_before(entry["renew_before"])
+                renew_path = (*path, "renew_before")
+            self.check_window(renew, renew_path, validity, path)
+            yield LeafSpec(
+                kind=kind,
+                name=name,
+                key=self.key(entry["key"], (*path, "key")) if "key" in entry else defaults.key,
+                validity=validity,
+                renew_before=renew,
+                subject=_subject({**defaults.subject, **entry.get("subject", {})}, name),
+                generation=entry.get("generation", 1),
+                dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
+                ips=self._ips(entry, path),
+                hba=self._hba(entry, path),
+            )
+
+    def _dns(self, name: str, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
+        names = [name]
+        for index, dns in enumerate(entry.get("dns", [])):
+            if dns in names[1:]:
+                self.problems.add((*path, "dns", index), f"{dns!r} is listed twice; keep one")
+            elif dns != name:
+                names.append(dns)
+        return tuple(names)
+
+    def _ips(self, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
+        result: list[str] = []
+        for index, text in enumerate(entry.get("ip", [])):
+            try:
+                address = str(ipaddress.ip_address(text))
+            except ValueError:
+                self.problems.add(
+                    (*path, "ip", index),
+                    f"{text!r} is not an IPv4 or IPv6 "
+                    "address; write one such as 10.0.6.188 (no prefix length)",
+                )
+                continue
+            if address in result:
+                self.problems.add((*path, "ip", index), f"{text!r} is listed twice; keep one")
+            result.append(address)
+        return tuple(result)
+
+    def _hba(self, entry: dict[str, Any], path: DocPath) -> tuple[HbaRule, ...]:
+        rules: list[HbaRule] = []
+        for index, rule in enumerate(entry.get("hba", [])):
+            problem = _hba_address_problem(rule["address"])
+            if problem:
+                self.problems.add((*path, "hba", index, "address"), problem)
+                continue
+            hba = HbaRule(database=rule["database"], address=rule["address"])
+            if hba in rules:
+                self.problems.add((*path, "hba", index), "this rule is listed twice; keep one")
+            rules.append(hba)
+        return tuple(rules)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_desired(text: str, display: str = "users.yaml") -> Desired:
+    """Validate users.yaml text; raise DesiredStateError listing every problem found."""
+    document, lines = parse_yaml(text, display)
+    problems = _Problems(display, lines)
+    _schema_problems(document, problems)
+    problems.raise_if_any()
+    desired = _SemanticChecker(document, problems).run()
+    problems.raise_if_any()
+    return desired
+
+
+def load_desired(path: Path, display: str | None = None) -> Desired:
+    """Read and validate the desired-state file at path."""
+    shown = display or str(path)
+    return parse_desired(_read_text(path, shown), shown)

@@ -1,0 +1,299 @@
+"""The only module that builds keys, certificates and CRLs, and reads them back into facts.
+
+Validity, serials and every other value come in as arguments: nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from reconciler.model import (
+    CASpec,
+    CertFacts,
+    CertKind,
+    KeyType,
+    LeafSpec,
+    Revocation,
+    Subject,
+)
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+_NAME_OIDS = {
+    "C": NameOID.COUNTRY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "CN": NameOID.COMMON_NAME,
+}
+_OID_NAMES = {oid: short for short, oid in _NAME_OIDS.items()}
+
+_REASONS = {
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+}
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_key(key_type: KeyType) -> PrivateKey:
+    if key_type.is_rsa:
+        return rsa.generate_private_key(
+            public_exponent=65537, key_size=int(key_type.value.removeprefix("rsa-"))
+        )
+    if key_type is KeyType.ECDSA_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.ECDSA_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def describe_key(public_key: object) -> str:
+    """The KeyType value of a public key, or a plain description of an unsupported one."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"rsa-{public_key.key_size}"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        names = {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384"}
+        return names.get(public_key.curve.name, f"ecdsa-{public_key.curve.name}")
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    return type(public_key).__name__
+
+
+def encrypt_key(key: PrivateKey, passphrase: bytes) -> bytes:
+    """PKCS#8 PEM, encrypted with the best scheme the installed OpenSSL offers."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+
+
+def decrypt_key(pem: bytes, passphrase: bytes) -> PrivateKey:
+    """Raise ValueError when the passphrase is wrong or the data is not a supported key."""
+    key = serialization.load_pem_private_key(pem, password=passphrase)
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ValueError(f"unsupported key type {type(key).__name__}")
+    return key
+
+
+def unencrypted_key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def same_public_key(a: object, b: object) -> bool:
+    def der(key: object) -> bytes:
+        assert isinstance(
+            key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+        )
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return der(a) == der(b)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def name(subject: Subject) -> x509.Name:
+    return x509.Name([x509.NameAttribute(_NAME_OIDS[attr], value) for attr, value in subject])
+
+
+def subject_of(value: x509.Name) -> Subject:
+    return tuple(
+        (_OID_NAMES.get(attr.oid, attr.oid.dotted_string), str(attr.value)) for attr in value
+    )
+
+
+def _signing_hash(key: PrivateKey) -> hashes.SHA256 | None:
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_encipherment: bool = False, cert_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: PublicKey,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    """What every certificate shares; callers add the extensions that differ."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def build_ca_certificate(
+    spec: CASpec, key: PrivateKey, *, serial: int, not_before: datetime, not_after: datetime
+) -> x509.Certificate:
+    subject = name(spec.subject)
+    public_key = key.public_key()
+    builder = (
+        _builder(subject, subject, public_key, serial, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
+    )
+    return builder.sign(key, _signing_hash(key))
+
+
+def build_leaf_certificate(
+    spec: LeafSpec,
+    public_key: PublicKey,
+    *,
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    usage = (
+        ExtendedKeyUsageOID.CLIENT_AUTH
+        if spec.kind is CertKind.CLIENT
+        else ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    builder = (
+        _builder(name(spec.subject), ca_cert.subject, public_key, serial, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(digital_signature=True, key_encipherment=spec.key.is_rsa), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    if spec.kind is CertKind.SERVER:
+        names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in spec.dns]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+def build_crl(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    *,
+    number: int,
+    this_update: datetime,
+    next_update: datetime,
+    revoked: Iterable[Revocation],
+) -> x509.CertificateRevocationList:
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for entry in sorted(revoked, key=lambda r: r.serial):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+            .add_extension(x509.CRLReason(_REASONS[entry.reason.value]), critical=False)
+            .build()
+        )
+    return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+def pem(item: x509.Certificate | x509.CertificateRevocationList) -> bytes:
+    return item.public_bytes(serialization.Encoding.PEM)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM file; ValueError when there is none or one is broken."""
+    return x509.load_pem_x509_certificates(data)
+
+
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) -> CertFacts:
+    """Reduce a certificate to CertFacts; signed_by_ca checks the signature against ca_cert."""
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
+    is_ca = False
+    for extension in cert.extensions:
+        value = extension.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            dns = tuple(value.get_values_for_type(x509.DNSName))
+            ips = tuple(str(ip) for ip in value.get_values_for_type(x509.IPAddress))
+        elif isinstance(value, x509.BasicConstraints):
+            is_ca = value.ca
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return CertFacts(
+        serial=cert.serial_number,
+        subject=subject_of(cert.subject),
+        issuer=subject_of(cert.issuer),
+        dns=dns,
+        ips=ips,
+        key=describe_key(cert.public_key()),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        fingerprint=hashlib.sha256(der).hexdigest(),
+        signed_by_ca=ca_cert is not None and issued_by(cert, ca_cert),
+        is_ca=is_ca,
+    )
+
+
+def subject_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None

@@ -1,0 +1,429 @@
+"""Decide what to do. plan() is pure: no I/O, no clock, no randomness.
+
+Checks run in a fixed order, cheapest and most decisive first (missing → unusable → key →
+issuer and ledger → spec → time window), and every reason that applies is kept, in words.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+
+from reconciler.model import (
+    Action,
+    ActionKind,
+    CAIssuance,
+    CertKind,
+    CertStatus,
+    CRLIssuance,
+    Desired,
+    Issuance,
+    LeafSpec,
+    LedgerEntry,
+    Observed,
+    ObservedLeaf,
+    Plan,
+    Revocation,
+    RevocationReason,
+    Subject,
+    describe_duration,
+    format_serial,
+    format_time,
+)
+
+BACKDATE = timedelta(minutes=5)
+"""not_before lies this far before now, so a server whose clock is a little behind accepts it."""
+
+_KIND_ORDER = {CertKind.CLIENT: 0, CertKind.SERVER: 1}
+
+
+def _dn(subject: Subject) -> str:
+    return ", ".join(f"{attr}={value}" for attr, value in subject)
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d")
+
+
+def _short(serial: int) -> str:
+    return format_serial(serial)[:12]
+
+
+def _live(entry: LedgerEntry, now: datetime) -> bool:
+    """Not revoked and not yet expired: a certificate someone could still use."""
+    return entry.status is not CertStatus.REVOKED and entry.not_after > now
+
+
+class _Context:
+    """What every leaf decision needs to know, computed once per plan."""
+
+    def __init__(self, desired: Desired, observed: Observed, now: datetime) -> None:
+        self.desired = desired
+        self.observed = observed
+        self.now = now
+        self.start = now.replace(microsecond=0)
+        self.entries: dict[str, list[LedgerEntry]] = defaultdict(list)
+        for entry in observed.ledger.entries:
+            self.entries[entry.ref].append(entry)
+        self.by_serial = observed.ledger.by_serial()
+        self.new_ca = False
+        self.ca_not_after: datetime | None = (
+            observed.ca.cert.not_after if observed.ca.cert is not None else None
+        )
+
+    def issuance(self, spec: LeafSpec) -> tuple[Issuance, str | None]:
+        not_after = self.start + spec.validity
+        note = None
+        if self.ca_not_after is not None and not_after > self.ca_not_after:
+            not_after = self.ca_not_after
+            note = f"shortened to end with the CA on {_day(not_after)}"
+        return Issuance(spec=spec, not_before=self.start - BACKDATE, not_after=not_after), note
+
+
+# --------------------------------------------------------------------------- CA
+
+
+def _plan_ca(ctx: _Context, blockers: list[str]) -> Action:
+    ca, spec = ctx.observed.ca, ctx.desired.ca
+    live = [entry for entry in ctx.observed.ledger.entries if _live(entry, ctx.now)]
+    if ca.cert is None and ca.cert_problem == "missing":
+        if ca.key.problem != "missing":
+            blockers.append(
+                "ca/ca.key exists but ca/ca.crt does not: restore ca/ca.crt from git "
+                "(git checkout -- ca/ca.crt), or move ca.key away to start a new CA"
+            )
+        elif live:
+            blockers.append(
+                f"ca/ca.crt is missing but the ledger holds {len(live)} certificates "
+                "that are still valid: restore ca/ in the state directory from git; "
+                "a new CA could not revoke them"
+            )
+        else:
+            ctx.new_ca = True
+            not_after = ctx.start + spec.validity
+            ctx.ca_not_after = not_after
+            return Action(
+                kind=ActionKind.CA,
+                subject="ca",
+                reasons=(
+                    f"no CA yet: create one ({_dn(spec.subject)}; {spec.key}; valid until "
+                    f"{_day(not_after)})",
+                ),
+                ca=CAIssuance(spec=spec, not_before=ctx.start - BACKDATE, not_after=not_after),
+            )
+        return Action(kind=ActionKind.NOOP, subject="ca", reasons=("blocked: see above",))
+    if ca.cert is None or ca.cert_problem is not None:
+        blockers.append(
+            f"ca/ca.crt is {ca.cert_problem}: restore it from git; the tool never "
+            "replaces a CA on its own, since that would orphan every certificate"
+        )
+        return Action(kind=ActionKind.NOOP, subject="ca", reasons=("blocked: see above",))
+    if ca.key.problem is not None:
+        advice = (
+            "encrypt it (openssl pkcs8 -topk8 -v2 aes-256-cbc) and rotate the CA passphrase"
+            if ca.key.problem == "not encrypted"
+            else "restore it from git"
+        )
+        blockers.append(f"ca/ca.key is {ca.key.problem}: {advice}")
+    reasons = [f"valid until {_day(ca.cert.not_after)}"]
+    if ca.cert.not_after <= ctx.now:
+        blockers.append(
+            f"the CA expired on {format_time(ca.cert.not_after)}: no certificate "
+            "it signs is accepted; create a new CA (see README, 'Replacing the CA')"
+        )
+    if ca.cert.subject != spec.subject:
+        reasons.append(
+            f"users.yaml asks for CA subject {_dn(spec.subject)} but the CA has "
+            f"{_dn(ca.cert.subject)}; a CA is never replaced automatically"
+        )
+    if ca.cert.key != spec.key.value:
+        reasons.append(
+            f"users.yaml asks for a {spec.key} CA key but the CA has {ca.cert.key}; "
+            "a CA is never replaced automatically"
+        )
+    return Action(kind=ActionKind.NOOP, subject="ca", serial=ca.cert.serial, reasons=tuple(reasons))
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+def _issue_problems(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
+    """Reasons the certificate on disk cannot be kept at all, in the order of the checks."""
+    if leaf is None or leaf.cert is None:
+        problem = "missing" if leaf is None else leaf.cert_problem
+        return ["no certificate yet" if problem == "missing" else f"certificate file {problem}"]
+    cert, reasons = leaf.cert, []
+    if leaf.key.problem == "missing":
+        reasons.append("private key missing")
+    elif leaf.key.problem == "not encrypted":
+        reasons.append("private key stored unencrypted")
+    elif leaf.key.problem is not None:
+        reasons.append(f"private key file {leaf.key.problem}")
+    if ctx.new_ca or not cert.signed_by_ca:
+        reasons.append("not signed by the current CA")
+    entry = ctx.by_serial.get(cert.serial)
+    if entry is None:
+        reasons.append(f"serial {_short(cert.serial)} is not in the ledger")
+    elif entry.fingerprint != cert.fingerprint:
+        reasons.append(
+            f"certificate differs from the ledger's record of serial {_short(cert.serial)}"
+        )
+    elif entry.ref != leaf.ref:
+        reasons.append(f"serial {_short(cert.serial)} was issued to {entry.ref}")
+    else:
+        if leaf.key.problem is None and entry.key_sha256 != leaf.key.sha256:
+            reasons.append(
+                f"private key file is not the one issued with serial {_short(cert.serial)}"
+            )
+        if entry.status is not CertStatus.VALID:
+            reasons.append(f"serial {_short(cert.serial)} is {entry.status}")
+    return reasons
+
+
+def _spec_changes(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf) -> tuple[list[str], bool]:
+    """Reasons to re-issue, and whether the generation changed (which revokes)."""
+    assert leaf.cert is not None
+    cert, reasons = leaf.cert, []
+    if cert.subject != spec.subject:
+        reasons.append(f"subject changed: {_dn(cert.subject)} → {_dn(spec.subject)}")
+    if cert.key != spec.key.value:
+        reasons.append(f"key type changed: {cert.key} → {spec.key}")
+    if {d.lower() for d in cert.dns} != set(spec.dns):
+        reasons.append(
+            f"DNS names changed: {', '.join(cert.dns) or 'none'} → {', '.join(spec.dns) or 'none'}"
+        )
+    if set(cert.ips) != set(spec.ips):
+        reasons.append(
+            f"IP addresses changed: {', '.join(cert.ips) or 'none'} → "
+            f"{', '.join(spec.ips) or 'none'}"
+        )
+    entry = ctx.by_serial[cert.serial]
+    generation_changed = entry.generation != spec.generation
+    if generation_changed:
+        reasons.append(
+            f"generation changed from {entry.generation} to {spec.generation}: "
+            "new key, and the old certificate is revoked"
+        )
+    return reasons, generation_changed
+
+
+def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
+    entries = ctx.entries.get(spec.ref, [])
+    current = leaf.cert if leaf is not None else None
+    serial = current.serial if current is not None else None
+    supersede = tuple(e.serial for e in entries if e.status is CertStatus.VALID)
+    issuance, note = ctx.issuance(spec)
+    notes = (note,) if note else ()
+
+    problems = _issue_problems(ctx, leaf)
+    if problems:
+        return Action(
+            kind=ActionKind.ISSUE,
+            subject=spec.ref,
+            reasons=(*problems, *notes),
+            serial=serial,
+            issue=issuance,
+            supersede=supersede,
+        )
+    assert leaf is not None
+    assert current is not None
+    changes, generation_changed = _spec_changes(ctx, spec, leaf)
+    if changes:
+        revoke: tuple[Revocation, ...] = ()
+        if generation_changed:
+            revoke = tuple(
+                Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED)
+                for e in entries
+                if _live(e, ctx.now)
+            )
+            supersede = tuple(s for s in supersede if s not in {r.serial for r in revoke})
+        return Action(
+            kind=ActionKind.REISSUE,
+            subject=spec.ref,
+            reasons=(*changes, *notes),
+            serial=serial,
+            issue=issuance,
+            supersede=supersede,
+            revoke=revoke,
+        )
+
+    window = spec.renew_before.window(current.lifetime)
+    renew_from = current.not_after - window
+    if ctx.now < renew_from:
+        return Action(
+            kind=ActionKind.NOOP,
+            subject=spec.ref,
+            serial=serial,
+            reasons=(f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",),
+        )
+    if ctx.now >= current.not_after:
+        why = f"expired on {format_time(current.not_after)}"
+    else:
+        why = (
+            f"expires {_day(current.not_after)}, inside the {describe_duration(window)} "
+            f"renewal window ({spec.renew_before.describe()})"
+        )
+    if issuance.not_after <= current.not_after:
+        return Action(
+            kind=ActionKind.NOOP,
+            subject=spec.ref,
+            serial=serial,
+            reasons=(
+                why,
+                "not renewed: a new certificate would not outlive this one, "
+                "because the CA expires first; replace the CA",
+            ),
+        )
+    return Action(
+        kind=ActionKind.RENEW,
+        subject=spec.ref,
+        serial=serial,
+        issue=issuance,
+        supersede=supersede,
+        reasons=(why, *notes),
+    )
+
+
+def _plan_removal(ctx: _Context, ref: str, leaf: ObservedLeaf | None) -> Action:
+    live = [entry for entry in ctx.entries.get(ref, []) if _live(entry, ctx.now)]
+    revoke = [
+        Revocation(e.serial, ctx.start, RevocationReason.CESSATION_OF_OPERATION) for e in live
+    ]
+    serials = {e.serial for e in live}
+    current = leaf.cert if leaf is not None else None
+    if (
+        current is not None
+        and current.signed_by_ca
+        and not ctx.new_ca
+        and current.serial not in serials
+        and current.not_after > ctx.now
+        and not _already_revoked(ctx, current.serial)
+    ):
+        revoke.append(
+            Revocation(current.serial, ctx.start, RevocationReason.CESSATION_OF_OPERATION)
+        )
+    reasons = ["no longer in users.yaml"]
+    if revoke:
+        listed = ", ".join(_short(r.serial) for r in revoke)
+        reasons.append(f"revoke serial{'s' if len(revoke) > 1 else ''} {listed}")
+    if leaf is not None:
+        reasons.append("delete its key and certificate")
+    return Action(
+        kind=ActionKind.REVOKE,
+        subject=ref,
+        reasons=tuple(reasons),
+        serial=current.serial if current else None,
+        revoke=tuple(revoke),
+        remove_files=leaf is not None,
+    )
+
+
+def _already_revoked(ctx: _Context, serial: int) -> bool:
+    entry = ctx.by_serial.get(serial)
+    return entry is not None and entry.status is CertStatus.REVOKED
+
+
+# --------------------------------------------------------------------------- CRL
+
+
+def _plan_crl(ctx: _Context, actions: Sequence[Action]) -> Action:
+    crl, spec = ctx.observed.crl, ctx.desired.crl
+    revoked = {
+        e.serial: Revocation(
+            e.serial, e.revoked_at or ctx.start, e.reason or RevocationReason.CESSATION_OF_OPERATION
+        )
+        for e in ctx.observed.ledger.entries
+        if e.status is CertStatus.REVOKED and e.not_after > ctx.now
+    }
+    for action in actions:
+        revoked.update((r.serial, r) for r in action.revoke)
+    reasons: list[str] = []
+    if ctx.new_ca:
+        reasons.append(
+            "new CA: sign its first CRL"
+            if crl.problem == "missing"
+            else "new CA: re-sign the CRL with it"
+        )
+    elif crl.problem is not None:
+        reasons.append(f"CRL {crl.problem}")
+    else:
+        assert crl.next_update is not None
+        if crl.next_update <= ctx.now:
+            reasons.append(
+                f"CRL passed its next update on {format_time(crl.next_update)}: "
+                "PostgreSQL refuses every client certificate until it is refreshed"
+            )
+        elif crl.next_update - ctx.now <= spec.refresh_before:
+            reasons.append(
+                f"CRL next update {_day(crl.next_update)} is within the "
+                f"{describe_duration(spec.refresh_before)} refresh window"
+            )
+        missing = sorted(set(revoked) - crl.serials)
+        if missing:
+            reasons.append(
+                f"CRL does not list revoked serial{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(_short(s) for s in missing)}"
+            )
+    if not reasons:
+        assert crl.next_update is not None
+        return Action(
+            kind=ActionKind.NOOP,
+            subject="crl",
+            reasons=(
+                f"number {crl.number}, {len(crl.serials)} revoked, next update "
+                f"{_day(crl.next_update)}",
+            ),
+        )
+    number = max(ctx.observed.ledger.crl_number, crl.number or 0) + 1
+    return Action(
+        kind=ActionKind.CRL,
+        subject="crl",
+        reasons=tuple(reasons),
+        crl=CRLIssuance(
+            number=number,
+            this_update=ctx.start,
+            next_update=ctx.start + spec.validity,
+            revoked=tuple(sorted(revoked.values(), key=lambda r: r.serial)),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _sort_key(ref: str) -> tuple[int, str]:
+    kind, _, name = ref.partition("/")
+    return _KIND_ORDER[CertKind(kind)], name
+
+
+def _observed_refs(ctx: _Context) -> Iterable[str]:
+    yield from (leaf.ref for leaf in ctx.observed.leaves)
+    for ref, entries in ctx.entries.items():
+        if any(_live(entry, ctx.now) for entry in entries):
+            yield ref
+
+
+def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
+    """One action per name in desired or observed (no-ops included), plus the CA and the CRL."""
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime, such as datetime.now(timezone.utc)")
+    ctx = _Context(desired, observed, now)
+    blockers: list[str] = []
+    if observed.ledger.problem is not None:
+        blockers.append(
+            f"ledger.jsonl is {observed.ledger.problem}: restore it from git "
+            "(git checkout -- ledger.jsonl); it is the record of every serial"
+        )
+    actions = [_plan_ca(ctx, blockers)]
+    leaves = {leaf.ref: leaf for leaf in observed.leaves}
+    specs = {spec.ref: spec for spec in desired.leaves}
+    for ref in sorted(set(specs) | set(_observed_refs(ctx)), key=_sort_key):
+        spec = specs.get(ref)
+        actions.append(
+            _plan_leaf(ctx, spec, leaves.get(ref))
+            if spec is not None
+            else _plan_removal(ctx, ref, leaves.get(ref))
+        )
+    actions.append(_plan_crl(ctx, actions))
+    return Plan(now=now, actions=tuple(actions), blockers=tuple(blockers))

@@ -1,0 +1,171 @@
+"""Plans and status rows as text tables, JSON and Markdown. Pure string building."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
+from reconciler.report import StatusRow
+
+_PLAN_WORDS = {
+    ActionKind.CA: "CA to create",
+    ActionKind.ISSUE: "to issue",
+    ActionKind.REISSUE: "to re-issue",
+    ActionKind.RENEW: "to renew",
+    ActionKind.REVOKE: "to revoke",
+    ActionKind.CRL: "CRL to sign",
+}
+_DONE_WORDS = {
+    ActionKind.CA: "CA created",
+    ActionKind.ISSUE: "issued",
+    ActionKind.REISSUE: "re-issued",
+    ActionKind.RENEW: "renewed",
+    ActionKind.REVOKE: "revoked",
+    ActionKind.CRL: "CRL refreshed",
+}
+
+
+def _count_words(plan: Plan, words: dict[ActionKind, str]) -> list[str]:
+    counts = plan.counts()
+    parts = []
+    for kind, word in words.items():
+        if counts.get(kind):
+            single = kind in (ActionKind.CA, ActionKind.CRL)
+            parts.append(word if single else f"{counts[kind]} {word}")
+    return parts
+
+
+def summary(plan: Plan) -> str:
+    """'2 to issue, 1 to renew, CRL to sign (5 unchanged)' or 'no changes (7 unchanged)'."""
+    parts = _count_words(plan, _PLAN_WORDS)
+    unchanged = plan.counts().get(ActionKind.NOOP, 0)
+    return f"{', '.join(parts) or 'no changes'} ({unchanged} unchanged)"
+
+
+def done_summary(plan: Plan) -> str:
+    """'2 issued, 1 renewed, 1 revoked, CRL refreshed', as a commit's summary line says it."""
+    return ", ".join(_count_words(plan, _DONE_WORDS)) or "no changes"
+
+
+def _serial(serial: int | None, *, short: bool = True) -> str:
+    if serial is None:
+        return "-"
+    return format_serial(serial)[:12] if short else format_serial(serial)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def plan_text(plan: Plan) -> str:
+    rows = [
+        (a.kind.value, a.subject, _serial(a.serial), "; ".join(a.reasons)) for a in plan.actions
+    ]
+    text = f"Plan at {format_time(plan.now)}: {summary(plan)}\n\n"
+    text += _table(("ACTION", "SUBJECT", "SERIAL", "REASONS"), rows)
+    for blocker in plan.blockers:
+        text += f"\n\nBLOCKED: {blocker}"
+    return text + "\n"
+
+
+def _action_json(action: Action) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "kind": action.kind.value,
+        "subject": action.subject,
+        "serial": _serial(action.serial, short=False) if action.serial is not None else None,
+        "reasons": list(action.reasons),
+    }
+    if action.issue is not None:
+        data["not_after"] = format_time(action.issue.not_after)
+    if action.revoke:
+        data["revoke"] = [format_serial(r.serial) for r in action.revoke]
+    if action.supersede:
+        data["supersede"] = [format_serial(s) for s in action.supersede]
+    return data
+
+
+def plan_json(plan: Plan) -> str:
+    data = {
+        "now": format_time(plan.now),
+        "changes": len(plan.changes),
+        "summary": summary(plan),
+        "blockers": list(plan.blockers),
+        "actions": [_action_json(action) for action in plan.actions],
+    }
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def plan_markdown(plan: Plan) -> str:
+    lines = [f"### Certificate plan: {summary(plan)}", ""]
+    for blocker in plan.blockers:
+        lines += [f"> **Blocked:** {_md(blocker)}", ""]
+    changes, unchanged = plan.changes, [a for a in plan.actions if not a.changes]
+    if changes:
+        lines += ["| Action | Subject | Serial | Reasons |", "|---|---|---|---|"]
+        lines += [
+            f"| **{a.kind.value}** | `{_md(a.subject)}` | `{_serial(a.serial)}` | "
+            f"{_md('; '.join(a.reasons))} |"
+            for a in changes
+        ]
+    else:
+        lines.append("No changes: every certificate matches users.yaml.")
+    if unchanged:
+        lines += [
+            "",
+            f"<details><summary>{len(unchanged)} unchanged</summary>",
+            "",
+            "| Subject | Serial | State |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{_md(a.subject)}` | `{_serial(a.serial)}` | {_md('; '.join(a.reasons))} |"
+            for a in unchanged
+        ]
+        lines += ["", "</details>"]
+    lines += ["", f"_Planned at {format_time(plan.now)}._"]
+    return "\n".join(lines) + "\n"
+
+
+def status_text(rows: Sequence[StatusRow]) -> str:
+    table = [
+        (
+            r.kind,
+            r.name,
+            f"#{r.serial}" if r.kind == "crl" and r.serial is not None else _serial(r.serial),
+            format_time(r.not_after) if r.not_after else "-",
+            str(r.days_left) if r.days_left is not None else "-",
+            r.state.value,
+            r.detail,
+        )
+        for r in rows
+    ]
+    return _table(("KIND", "NAME", "SERIAL", "NOT AFTER", "DAYS", "STATE", "DETAIL"), table) + "\n"
+
+
+def status_json(rows: Sequence[StatusRow]) -> str:
+    data = [
+        {
+            "kind": r.kind,
+            "name": r.name,
+            "serial": (str(r.serial) if r.kind == "crl" else format_serial(r.serial))
+            if r.serial is not None
+            else None,
+            "not_after": format_time(r.not_after) if r.not_after else None,
+            "days_left": r.days_left,
+            "state": r.state.value,
+            "detail": r.detail,
+        }
+        for r in rows
+    ]
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,115 @@
+"""Passphrases: where they come from, and the one-time bootstrap of random ones.
+
+Sources, first match wins: a --*-passphrase-file flag, the RECONCILER_*_PASSPHRASE variable,
+the RECONCILER_*_PASSPHRASE_FILE variable, then .secrets/ca.pass or .secrets/keys.pass.
+A passphrase never appears in output, logs, exceptions or process arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import secrets as _random
+from collections.abc import Mapping
+from pathlib import Path
+
+from reconciler.errors import SecretError
+
+MIN_LENGTH = 16
+SECRETS_DIR_MODE = 0o700
+SECRET_FILE_MODE = 0o600
+
+
+class Which(enum.Enum):
+    CA = ("CA", "RECONCILER_CA_PASSPHRASE", "ca.pass", "--ca-passphrase-file")
+    KEY = ("key", "RECONCILER_KEY_PASSPHRASE", "keys.pass", "--key-passphrase-file")
+
+    @property
+    def label(self) -> str:
+        return self.value[0]
+
+    @property
+    def env(self) -> str:
+        return self.value[1]
+
+    @property
+    def file_name(self) -> str:
+        return self.value[2]
+
+    @property
+    def flag(self) -> str:
+        return self.value[3]
+
+
+class Passphrase:
+    """Bytes that refuse to be printed."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: bytes, origin: str) -> None:
+        self._value = value
+        self.origin = origin
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Passphrase(from {self.origin})"
+
+    __str__ = __repr__
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretSources:
+    secrets_dir: Path
+    environ: Mapping[str, str]
+    files: Mapping[Which, Path] = dataclasses.field(default_factory=dict)
+
+    def find(self, which: Which) -> Passphrase | None:
+        """The configured passphrase, or None when none is configured anywhere."""
+        flagged = self.files.get(which)
+        if flagged is not None:
+            return _from_file(flagged, which, which.flag)
+        if self.environ.get(which.env):
+            return _checked(self.environ[which.env].encode("utf-8"), which, f"${which.env}")
+        env_file = self.environ.get(f"{which.env}_FILE")
+        if env_file:
+            return _from_file(Path(env_file), which, f"${which.env}_FILE")
+        local = self.secrets_dir / which.file_name
+        if local.exists():
+            return _from_file(local, which, str(local))
+        return None
+
+    def bootstrap(self, which: Which) -> Passphrase:
+        """Create a random passphrase in the secrets directory (0700), in a 0600 file."""
+        self.secrets_dir.mkdir(mode=SECRETS_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.secrets_dir, SECRETS_DIR_MODE)
+        path = self.secrets_dir / which.file_name
+        value = _random.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE_MODE)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return Passphrase(value.encode(), str(path))
+
+
+def _checked(value: bytes, which: Which, origin: str) -> Passphrase:
+    if len(value) < MIN_LENGTH:
+        raise SecretError(
+            f"the {which.label} passphrase from {origin} is shorter than "
+            f"{MIN_LENGTH} characters; choose a longer one"
+        )
+    return Passphrase(value, origin)
+
+
+def _from_file(path: Path, which: Which, origin: str) -> Passphrase:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SecretError(
+            f"cannot read the {which.label} passphrase file {path} given by "
+            f"{origin} ({exc.strerror}); check the path"
+        ) from None
+    return _checked(data.rstrip(b"\r\n"), which, str(path))
