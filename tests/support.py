@@ -1,0 +1,98 @@
+"""Helpers shared by the tests: run the real command line in-process, with time injected."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from reconciler.cli import main
+
+CA_PASSPHRASE = "correct horse battery staple CA"
+KEY_PASSPHRASE = "correct horse battery staple keys"
+SECRETS = {"RECONCILER_CA_PASSPHRASE": CA_PASSPHRASE, "RECONCILER_KEY_PASSPHRASE": KEY_PASSPHRASE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def run(
+    state: Path,
+    *args: str,
+    now: datetime | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Result:
+    """Run `reconciler --state STATE [--now NOW] ARGS…` in-process and capture its output."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--state", str(state)]
+    if now is not None:
+        argv += ["--now", iso(now)]
+    code = main(
+        [*argv, *args], environ=SECRETS if environ is None else environ, stdout=out, stderr=err
+    )
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file below root, by relative path, with its bytes."""
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            found[str(path.relative_to(root))] = path.read_bytes()
+    return found
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def crl_serials(state: Path) -> set[int]:
+    crl = x509.load_pem_x509_crl((state / "ca" / "crl.pem").read_bytes())
+    return {entry.serial_number for entry in crl}
+
+
+def users_yaml(
+    users: str = "",
+    servers: str = "",
+    *,
+    key: str = "ecdsa-p256",
+    ca_key: str = "ecdsa-p256",
+    validity: str = "30d",
+    renew_before: str = "10d",
+    ca_validity: str = "3650d",
+    subject_o: str = "Acme",
+    crl: str = "{validity: 30d, refresh_before: 20d}",
+) -> str:
+    """A users.yaml with fast keys; users and servers are YAML list bodies (indented by 2)."""
+    return (
+        (
+            "version: 1\n"
+            f"ca:\n  subject: {{CN: Test CA, O: {subject_o}}}\n  key: {ca_key}\n"
+            f"  validity: {ca_validity}\n"
+            f"defaults:\n  key: {key}\n  validity: {validity}\n  renew_before: {renew_before}\n"
+            f"  subject: {{C: NL, O: {subject_o}}}\n"
+            f"crl: {crl}\n"
+            f"users:\n{users or '  []'}\n"
+            f"servers:\n{servers or '  []'}\n"
+        )
+        .replace("users:\n  []", "users: []")
+        .replace("servers:\n  []", "servers: []")
+    )
