@@ -410,9 +410,15 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         raise ValueError("now must be an aware datetime, such as datetime.now(timezone.utc)")
     ctx = _Context(desired, observed, now)
     blockers: list[str] = []
-    if observed.ledger.problem is not None:
+    ledger_problem = observed.ledger.problem
+    if ledger_problem == "missing" and observed.ca.cert_problem != "missing":
         blockers.append(
-            f"ledger.jsonl is {observed.ledger.problem}: restore it from git "
+            "ledger.jsonl is missing but a CA exists: restore it from git (git checkout -- "
+            "ledger.jsonl); without it no certificate issued so far could be revoked"
+        )
+    elif ledger_problem is not None and ledger_problem != "missing":
+        blockers.append(
+            f"ledger.jsonl is {ledger_problem}: restore it from git "
             "(git checkout -- ledger.jsonl); it is the record of every serial"
         )
     actions = [_plan_ca(ctx, blockers)]

@@ -127,7 +127,7 @@ class StateDir:
     def load_ledger(self) -> Ledger:
         data = self.read(self.ledger)
         if data is None:
-            return Ledger()
+            return Ledger(problem="missing")
         try:
             return decode_ledger(data)
         except (ValueError, KeyError, TypeError) as exc:

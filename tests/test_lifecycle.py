@@ -346,3 +346,25 @@ def test_atomic_writes_leave_no_temporary_files_and_set_modes(state: Path) -> No
             expected = 0o600 if path.suffix == ".key" else 0o644
             assert path.stat().st_mode & 0o777 == expected, path
     assert store.ca_key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        pytest.param("ledger.jsonl", "ledger.jsonl is missing but a CA exists", id="no-ledger"),
+        pytest.param("ca/ca.crt", "ca/ca.key exists but ca/ca.crt does not", id="no-ca-cert"),
+    ],
+)
+def test_missing_ledger_or_ca_blocks_instead_of_starting_over(
+    state: Path, damage: str, expected: str
+) -> None:
+    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    (state / damage).unlink()
+    before = files_under(state)
+    planned = run(state, "plan", now=T0)
+    assert planned.code == 1
+    assert expected in planned.out
+    applied = run(state, "apply", "--no-commit", now=T0)
+    assert applied.code == 1
+    assert expected in applied.err
+    assert files_under(state) == before
