@@ -126,6 +126,10 @@ def _sources(args: argparse.Namespace, environ: Mapping[str, str]) -> SecretSour
     return SecretSources(secrets_dir=secrets_dir, environ=environ, files=files)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _init(args: argparse.Namespace, out: TextIO) -> int:
     target = args.state / "users.yaml"
     if target.exists():
@@ -143,9 +147,9 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
     snap = engine.snapshot(args.state)
     users = sum(1 for leaf in snap.desired.leaves if leaf.kind.value == "client")
+    servers = len(snap.desired.leaves) - users
     out.write(
-        f"{snap.store.users_yaml} is valid: {users} users, "
-        f"{len(snap.desired.leaves) - users} servers.\n"
+        f"{snap.store.users_yaml} is valid: {_count(users, 'user')}, {_count(servers, 'server')}.\n"
     )
     return EXIT_OK
 

@@ -368,3 +368,20 @@ def test_missing_ledger_or_ca_blocks_instead_of_starting_over(
     assert applied.code == 1
     assert expected in applied.err
     assert files_under(state) == before
+
+
+def test_init_scaffolds_a_state_directory_that_validates_and_refuses_to_overwrite(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "new-state"
+    created = run(state, "init")
+    assert created.code == 0, created.err
+    assert (state / "users.yaml").read_text().startswith("# The desired state")
+    validated = run(state, "validate")
+    assert validated.code == 0, validated.err
+    assert "5 users, 1 server." in validated.out
+    (state / "users.yaml").write_text("version: 1\n")
+    again = run(state, "init")
+    assert again.code == 1
+    assert "already exists" in again.err
+    assert (state / "users.yaml").read_text() == "version: 1\n"
