@@ -1,39 +1,48 @@
-# The first target that needs Python creates .venv and installs the package into it, so a fresh
-# clone needs nothing else. STATE picks the state directory; ARGS passes more flags through.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-STATE  ?= state
-RUN    := $(BIN)/reconciler --state $(STATE)
+# The first target that needs Python creates .venv and installs what it needs into it, so a
+# fresh clone needs nothing else. STATE picks the state directory; ARGS passes more flags.
+PYTHON          ?= python3
+VENV            := .venv
+BIN             := $(VENV)/bin
+STATE           ?= state
+RUN             := $(BIN)/reconciler --state $(STATE)
+WARN_DAYS       ?= 7
+PROMETHEUS_FILE ?=
+PROMETHEUS      := $(if $(PROMETHEUS_FILE),--prometheus $(PROMETHEUS_FILE))
 
 .PHONY: reconcile plan validate status renew test lint clean
 
-$(STAMP): pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
 
-reconcile: $(STAMP) ## validate, plan and apply state/users.yaml
+$(VENV)/.dev: $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+reconcile: $(VENV)/.runtime ## validate, plan, apply and commit state/users.yaml
 	$(RUN) apply $(ARGS)
 
-plan: $(STAMP) ## show what reconcile would do (no secrets needed)
+plan: $(VENV)/.runtime ## show what reconcile would do (no secrets needed)
 	$(RUN) plan $(ARGS)
 
-validate: $(STAMP) ## check state/users.yaml (no secrets needed)
+validate: $(VENV)/.runtime ## check state/users.yaml (no secrets needed)
 	$(RUN) validate
 
-status: $(STAMP) ## certificates on disk, with days left
+status: $(VENV)/.runtime ## certificates on disk, with days left
 	$(RUN) status $(ARGS)
 
-renew: $(STAMP) ## what the scheduled job runs: renewals and CRL refresh
-	$(RUN) apply $(ARGS)
+# What the scheduled jobs run: renewals and CRL refresh, committed and pushed; then fail when
+# anything still runs out within WARN_DAYS days, so a broken renewal pages someone in time.
+renew: $(VENV)/.runtime
+	$(RUN) apply --push $(PROMETHEUS) $(ARGS)
+	$(RUN) status --warn-days $(WARN_DAYS) $(PROMETHEUS)
 
-test: $(STAMP) ## the test suite
+test: $(VENV)/.dev ## the test suite
 	$(BIN)/python -m pytest $(ARGS)
 
-lint: $(STAMP) ## ruff and mypy --strict
+lint: $(VENV)/.dev ## ruff and mypy --strict
 	$(BIN)/ruff check reconciler tests
 	$(BIN)/ruff format --check reconciler tests
 	$(BIN)/mypy

@@ -19,8 +19,9 @@ from typing import NoReturn, TextIO
 from reconciler import __version__, engine, render
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
-from reconciler.report import State
+from reconciler.report import State, StatusRow
 from reconciler.secrets import SecretSources, Which
+from reconciler.store import atomic_write
 
 EXIT_OK, EXIT_USER, EXIT_CHANGES, EXIT_BUG = 0, 1, 2, 70
 _LOSS = {
@@ -94,6 +95,17 @@ def _build_parser() -> _Parser:
             help="write the state directory but make no git commit",
         )
         apply.add_argument(
+            "--push",
+            action="store_true",
+            help="push the commit to the upstream; retry on top of it when it moved",
+        )
+        apply.add_argument(
+            "--prometheus",
+            type=Path,
+            metavar="FILE",
+            help="write a node_exporter textfile with expiries and this success",
+        )
+        apply.add_argument(
             "--ca-passphrase-file",
             type=Path,
             metavar="FILE",
@@ -112,6 +124,9 @@ def _build_parser() -> _Parser:
         type=int,
         metavar="N",
         help="exit 1 when a certificate or the CRL runs out within N days",
+    )
+    status.add_argument(
+        "--prometheus", type=Path, metavar="FILE", help="write a node_exporter textfile"
     )
     return parser
 
@@ -169,10 +184,29 @@ def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> 
     return EXIT_CHANGES if args.detailed_exitcode and plan.changes else EXIT_OK
 
 
+def _write_prometheus(path: Path, rows: Sequence[StatusRow], success: datetime | None) -> None:
+    last = success.timestamp() if success is not None else None
+    if last is None and path.exists():
+        last = render.last_success_in(path.read_text("utf-8", errors="replace"))
+    atomic_write(path, render.prometheus(rows, last).encode(), 0o644)
+
+
 def _apply(
-    args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
+    args: argparse.Namespace,
+    now: datetime,
+    environ: Mapping[str, str],
+    out: TextIO,
+    err: TextIO,
 ) -> int:
-    report = engine.reconcile(args.state, now, _sources(args, environ))
+    result = engine.run(
+        args.state,
+        now,
+        _sources(args, environ),
+        commit=not args.no_commit,
+        push=args.push,
+        environ=environ,
+    )
+    report = result.applied
     for passphrase in report.bootstrapped:
         which = Which.CA if passphrase.origin.endswith(Which.CA.file_name) else Which.KEY
         err.write(
@@ -182,21 +216,42 @@ def _apply(
         )
     if not report.plan.changes:
         out.write(f"Nothing to do: {render.summary(report.plan)}.\n")
-        return EXIT_OK
-    out.write(render.plan_text(report.plan))
-    issued = dict(report.outcome.issued)
-    for subject, serial in issued.items():
-        out.write(f"  {subject}: new serial {format_serial(serial)}\n")
-    out.write(
-        f"Done: {render.done_summary(report.plan)}; "
-        f"{len(report.outcome.changed)} files changed under {args.state}.\n"
-    )
+    else:
+        out.write(render.plan_text(report.plan))
+        for subject, serial in report.outcome.issued:
+            out.write(f"  {subject}: new serial {format_serial(serial)}\n")
+        out.write(
+            f"Done: {render.done_summary(report.plan)}; "
+            f"{len(report.outcome.changed)} files changed under {args.state}.\n"
+        )
+    recorded = result.recorded
+    if recorded is not None and recorded.sha is not None:
+        out.write(f"Committed {recorded.sha[:12]} ({len(recorded.paths)} paths).\n")
+    if recorded is not None and recorded.ignored:
+        out.write(
+            f"Not committed, because .gitignore matches them: {len(recorded.ignored)} paths "
+            f"(first: {recorded.ignored[0]}).\n"
+        )
+    if report.plan.changes and not args.no_commit and not result.in_git:
+        out.write(f"{args.state} is not inside a git work tree: nothing committed.\n")
+    if result.pushed:
+        retried = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+        out.write(f"Pushed{retried}.\n")
+    elif result.attempts > 1:
+        out.write(
+            "The remote moved while this job ran; it re-ran on top of it and found nothing "
+            "left to push. Certificates made in the discarded attempt were never committed.\n"
+        )
+    if args.prometheus is not None:
+        _write_prometheus(args.prometheus, engine.status(args.state, now), now)
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
     rows = engine.status(args.state, now)
     out.write(render.status_json(rows) if args.json else render.status_text(rows))
+    if args.prometheus is not None:
+        _write_prometheus(args.prometheus, rows, None)
     if args.warn_days is None:
         return EXIT_OK
     soon = [

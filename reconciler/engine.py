@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 from reconciler import apply as apply_stage
+from reconciler import record as record_stage
+from reconciler import render
 from reconciler.desired import load_desired
-from reconciler.errors import SecretError, StateError
+from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import ActionKind, Desired, Observed, Plan
 from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
@@ -58,6 +61,14 @@ def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyRe
     ca_passphrase, key_passphrase = sources.find(Which.CA), sources.find(Which.KEY)
     bootstrapped: list[Passphrase] = []
     if any(action.kind is ActionKind.CA for action in plan.actions):
+        if (ca_passphrase is None or key_passphrase is None) and sources.environ.get(
+            "CI"
+        ) == "true":
+            raise SecretError(
+                "no passphrase is configured, and CI=true: passphrases generated on a CI "
+                "runner would be lost with it, leaving a CA nobody can unlock; set "
+                f"{Which.CA.env} and {Which.KEY.env} in the CI secret store (nothing was written)"
+            )
         if ca_passphrase is None:
             ca_passphrase = sources.bootstrap(Which.CA)
             bootstrapped.append(ca_passphrase)
@@ -74,3 +85,74 @@ def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyRe
         plan, snap.observed, snap.store, ca_passphrase=ca_passphrase, key_passphrase=key_passphrase
     )
     return ApplyReport(plan=plan, outcome=outcome, bootstrapped=tuple(bootstrapped))
+
+
+MAX_PUSH_ATTEMPTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """What one `apply` did: the last attempt's apply, its commit, and the push."""
+
+    applied: ApplyReport
+    recorded: record_stage.Recorded | None = None
+    pushed: bool = False
+    attempts: int = 1
+    in_git: bool = False
+
+
+def _record(repo: record_stage.Repo, state_dir: Path, report: ApplyReport) -> record_stage.Recorded:
+    new_serials = dict(report.outcome.issued)
+    return record_stage.record(
+        repo,
+        state_dir,
+        report.outcome.changed,
+        lambda users_edited: record_stage.commit_message(
+            render.done_summary(report.plan),
+            report.plan,
+            new_serials,
+            users_yaml_edited=users_edited,
+        ),
+    )
+
+
+def run(
+    state_dir: Path,
+    now: datetime,
+    sources: SecretSources,
+    *,
+    commit: bool = True,
+    push: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> RunReport:
+    """apply: reconcile, commit what changed when inside git, and push with retries.
+
+    When the push is rejected because the remote moved, the local commit is discarded (its
+    certificates were never committed anywhere else nor distributed), the branch moves onto the
+    remote head, and the whole reconcile runs again against the remote's desired state: ledger
+    and CRL are never merged as text.
+    """
+    if push and not commit:
+        raise UsageError("--push and --no-commit contradict each other; drop one")
+    repo = record_stage.find_repo(state_dir, environ) if commit else None
+    if not push:
+        report = reconcile(state_dir, now, sources)
+        recorded = _record(repo, state_dir, report) if repo is not None else None
+        return RunReport(applied=report, recorded=recorded, in_git=repo is not None)
+    if repo is None:
+        raise UsageError("--push needs the state directory inside a git work tree")
+    record_stage.require_clean(repo)
+    target = record_stage.upstream(repo)
+    record_stage.sync(repo, target, reset=False)
+    for attempt in range(1, MAX_PUSH_ATTEMPTS + 1):
+        report = reconcile(state_dir, now, sources)
+        recorded = _record(repo, state_dir, report)
+        if not record_stage.ahead_of(repo, target):
+            return RunReport(report, recorded, pushed=False, attempts=attempt, in_git=True)
+        if record_stage.push(repo, target):
+            return RunReport(report, recorded, pushed=True, attempts=attempt, in_git=True)
+        record_stage.sync(repo, target, reset=True)
+    raise record_stage.GitError(
+        f"gave up after {MAX_PUSH_ATTEMPTS} attempts: {target.ref} kept moving while this job "
+        "ran; nothing of these attempts was pushed, so run the job again"
+    )

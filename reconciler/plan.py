@@ -260,9 +260,10 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     if ctx.now >= current.not_after:
         why = f"expired on {format_time(current.not_after)}"
     else:
+        share = "" if spec.renew_before.duration else f" ({spec.renew_before.describe()})"
         why = (
             f"expires {_day(current.not_after)}, inside the {describe_duration(window)} "
-            f"renewal window ({spec.renew_before.describe()})"
+            f"renewal window{share}"
         )
     if issuance.not_after <= current.not_after:
         return Action(

@@ -169,3 +169,55 @@ def status_json(rows: Sequence[StatusRow]) -> str:
         for r in rows
     ]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+_PROMETHEUS_HELP = {
+    "reconciler_certificate_expiry_timestamp_seconds": (
+        "notAfter of the CA and of each certificate on disk, as a Unix time."
+    ),
+    "reconciler_crl_next_update_timestamp_seconds": (
+        "nextUpdate of the CRL: PostgreSQL refuses every client certificate after it."
+    ),
+    "reconciler_last_success_timestamp_seconds": "When apply last finished without error.",
+}
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(rows: Sequence[StatusRow], last_success: float | None) -> str:
+    """node_exporter textfile: expiry per current certificate, CRL next update, last success."""
+    samples: dict[str, list[str]] = {name: [] for name in _PROMETHEUS_HELP}
+    for row in rows:
+        if row.not_after is None or row.state.value in ("superseded", "revoked"):
+            continue
+        value = f"{row.not_after.timestamp():.0f}"
+        if row.kind == "crl":
+            samples["reconciler_crl_next_update_timestamp_seconds"].append(value)
+            continue
+        labels = (
+            f'kind="{row.kind}",name="{_label(row.name)}",'
+            f'serial="{_serial(row.serial, short=False)}",state="{row.state.value}"'
+        )
+        samples["reconciler_certificate_expiry_timestamp_seconds"].append(f"{{{labels}}} {value}")
+    if last_success is not None:
+        samples["reconciler_last_success_timestamp_seconds"].append(f"{last_success:.0f}")
+    lines = []
+    for name, values in samples.items():
+        if not values:
+            continue
+        lines += [f"# HELP {name} {_PROMETHEUS_HELP[name]}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{v}" if v.startswith("{") else f"{name} {v}" for v in values]
+    return "\n".join(lines) + "\n"
+
+
+def last_success_in(textfile: str) -> float | None:
+    """The last-success value an earlier textfile holds, so status keeps it."""
+    for line in textfile.splitlines():
+        if line.startswith("reconciler_last_success_timestamp_seconds "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None

@@ -85,6 +85,9 @@ class SecretSources:
         """Create a random passphrase in the secrets directory (0700), in a 0600 file."""
         self.secrets_dir.mkdir(mode=SECRETS_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(self.secrets_dir, SECRETS_DIR_MODE)
+        ignore = self.secrets_dir / ".gitignore"
+        if not ignore.exists():  # git ignores the directory even where .gitignore forgot it
+            ignore.write_text("# passphrases: never commit these\n*\n")
         path = self.secrets_dir / which.file_name
         value = _random.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE_MODE)

@@ -95,23 +95,7 @@ class StateDir:
 
     def write(self, path: Path, data: bytes, *, secret: bool = False) -> None:
         """Atomically replace path with data; secret files are 0600 from their first byte."""
-        mode = KEY_MODE if secret else PUBLIC_MODE
-        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        temp = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed a public file; never widens a key
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-        _fsync_directory(path.parent)
+        atomic_write(path, data, KEY_MODE if secret else PUBLIC_MODE)
 
     @staticmethod
     def remove(path: Path) -> bool:
@@ -135,6 +119,26 @@ class StateDir:
 
     def write_ledger(self, ledger: Ledger) -> None:
         self.write(self.ledger, encode_ledger(ledger))
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write NAME.tmp beside path with its final mode, fsync it, rename it over path."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed a public file; never widens a key
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -125,3 +125,11 @@ def test_validate_plan_status_and_a_no_op_apply_need_no_secret(state: Path) -> N
         result = run(state, *args, now=T0, environ={})
         assert result.code == 0, (args, result.err)
     assert not (state.parent / ".secrets").exists()
+
+
+def test_ci_never_bootstraps_passphrases_it_would_lose(state: Path) -> None:
+    result = run(state, "apply", "--no-commit", now=T0, environ={"CI": "true"})
+    assert result.code == 1
+    assert "CI secret store" in result.err
+    assert not (state / "ca").exists()
+    assert not (state.parent / ".secrets").exists()

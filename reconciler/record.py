@@ -1,0 +1,260 @@
+"""The only module that talks to git: one commit per apply holding only what apply changed
+(plus users.yaml when it has uncommitted edits), and the push that retries on a moved remote.
+
+Other staged or unstaged work in the repository is left alone: the commit is made with
+`git commit --only PATHS`, which builds it from HEAD plus those paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+
+import git
+
+from reconciler.errors import ReconcilerError, StateError
+from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
+
+DEFAULT_NAME = "reconciler"
+DEFAULT_EMAIL = "reconciler@localhost"
+SECRETS_DIR_NAME = ".secrets"
+_PASSPHRASE_VARIABLES = (
+    "RECONCILER_CA_PASSPHRASE",
+    "RECONCILER_KEY_PASSPHRASE",
+    "RECONCILER_CA_PASSPHRASE_FILE",
+    "RECONCILER_KEY_PASSPHRASE_FILE",
+)
+_PLAINTEXT_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH )?PRIVATE KEY-----")
+
+
+Repo = git.Repo
+
+
+class GitError(ReconcilerError):
+    """git refused something the reconciler needs (a commit, a fetch, a push)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recorded:
+    sha: str | None  # None: nothing to commit
+    paths: tuple[str, ...] = ()  # repository-relative paths in the commit
+    ignored: tuple[str, ...] = ()  # changed paths left out because .gitignore matches them
+
+
+def find_repo(state_dir: Path, environ: Mapping[str, str] | None = None) -> git.Repo | None:
+    """The git work tree holding state_dir, set up to run git with git_environment(), or None
+    when state_dir is in no work tree."""
+    try:
+        repo = git.Repo(state_dir, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if repo.bare:
+        return None
+    repo.git.update_environment(**git_environment(repo, os.environ if environ is None else environ))
+    return repo
+
+
+# --------------------------------------------------------------------------- message
+
+
+def _serial(serial: int | None) -> str:
+    return format_serial(serial) if serial is not None else "-"
+
+
+def _action_line(action: Action, new_serials: Mapping[str, int]) -> str:
+    reasons = "; ".join(action.reasons)
+    if action.kind is ActionKind.CRL and action.crl is not None:
+        return f"crl number {action.crl.number}: {reasons}"
+    if action.kind is ActionKind.CA:
+        return f"ca: {reasons}"
+    if action.kind is ActionKind.REVOKE:
+        serials = ", ".join(format_serial(r.serial) for r in action.revoke) or "none"
+        return f"revoke {action.subject} serial {serials}: {reasons}"
+    serial = _serial(new_serials.get(action.subject))
+    replaced = f" (replaces {_serial(action.serial)})" if action.serial is not None else ""
+    return f"{action.kind.value} {action.subject} serial {serial}{replaced}: {reasons}"
+
+
+def commit_message(
+    summary: str, plan: Plan, new_serials: Mapping[str, int], *, users_yaml_edited: bool
+) -> str:
+    lines = [f"reconcile: {summary}", ""]
+    if users_yaml_edited:
+        lines.append("users.yaml: the edit that caused this change")
+    lines += [_action_line(action, new_serials) for action in plan.changes]
+    lines += ["", f"Reconciled-at: {format_time(plan.now)}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def _identity_env(repo: git.Repo, environ: Mapping[str, str]) -> dict[str, str]:
+    """GIT_* variables for whichever identity git cannot work out by itself."""
+    env: dict[str, str] = {}
+    for role in ("AUTHOR", "COMMITTER"):
+        status, _, _ = repo.git.var(
+            f"GIT_{role}_IDENT", with_extended_output=True, with_exceptions=False, env=environ
+        )
+        if status != 0:
+            env[f"GIT_{role}_NAME"] = environ.get(f"GIT_{role}_NAME") or DEFAULT_NAME
+            env[f"GIT_{role}_EMAIL"] = environ.get(f"GIT_{role}_EMAIL") or DEFAULT_EMAIL
+    return env
+
+
+def git_environment(repo: git.Repo, environ: Mapping[str, str]) -> dict[str, str]:
+    """What git commands run with on top of this process's environment: the caller's GIT_*
+    variables, a default identity where none is configured, and the passphrases blanked so
+    that no hook or helper git starts can read them."""
+    env = {name: value for name, value in environ.items() if name.startswith("GIT_")}
+    env.update(_identity_env(repo, env))
+    env.update(dict.fromkeys(_PASSPHRASE_VARIABLES, ""))
+    return env
+
+
+def _ignored(repo: git.Repo, paths: Sequence[str]) -> set[str]:
+    if not paths:
+        return set()
+    status, out, _ = repo.git.check_ignore(
+        "--no-index", "--", *paths, with_extended_output=True, with_exceptions=False
+    )
+    if status not in (0, 1):
+        raise GitError("git check-ignore failed; check the repository")
+    tracked = set(repo.git.ls_files("--", *paths).splitlines())
+    return {line for line in out.splitlines() if line} - tracked
+
+
+def guard(root: Path, paths: Iterable[str]) -> None:
+    """Refuse to commit anything under .secrets/ or any file holding a plaintext private key."""
+    for path in paths:
+        if SECRETS_DIR_NAME in PurePosixPath(path).parts:
+            raise StateError(
+                f"refusing to commit {path}: nothing under {SECRETS_DIR_NAME}/ is "
+                "ever committed; nothing was committed"
+            )
+        full = root / path
+        if full.is_file() and _PLAINTEXT_KEY.search(full.read_bytes()):
+            raise StateError(
+                f"refusing to commit {path}: it holds an unencrypted private key; "
+                "remove it (keys in the state directory are always encrypted); "
+                "nothing was committed"
+            )
+
+
+def record(
+    repo: git.Repo,
+    state_dir: Path,
+    changed: Sequence[str],
+    message_for: Callable[[bool], str],
+) -> Recorded:
+    """Commit the state-relative paths in changed, and users.yaml when it has edits.
+
+    message_for gets whether users.yaml is part of the commit and returns the message.
+    """
+    root = Path(str(repo.working_tree_dir)).resolve()
+    prefix = state_dir.resolve().relative_to(root)
+    paths = [str(PurePosixPath(prefix.as_posix()) / p) for p in changed]
+    users = str(PurePosixPath(prefix.as_posix()) / "users.yaml")
+    users_edited = bool(repo.git.status("--porcelain", "--", users))
+    if users_edited and users not in paths:
+        paths.append(users)
+    ignored = _ignored(repo, paths)
+    paths = [p for p in dict.fromkeys(paths) if p not in ignored]
+    if not paths:
+        return Recorded(sha=None, ignored=tuple(sorted(ignored)))
+    guard(root, paths)
+    present = [p for p in paths if (root / p).exists()]
+    tracked = set(repo.git.ls_files("--", *paths).splitlines())
+    paths = [p for p in paths if p in present or p in tracked]
+    if not paths:
+        return Recorded(sha=None, ignored=tuple(sorted(ignored)))
+    message = message_for(users_edited)
+    try:
+        if present:
+            repo.git.add("--", *present)
+        repo.git.commit("--only", "--quiet", "-m", message, "--", *paths)
+    except git.GitCommandError as exc:
+        raise GitError(
+            f"git commit failed: {_first_line(exc)}; the state directory is "
+            "written but not committed: fix git and run apply again"
+        ) from None
+    return Recorded(sha=repo.head.commit.hexsha, paths=tuple(paths), ignored=tuple(sorted(ignored)))
+
+
+def _first_line(exc: git.GitCommandError) -> str:
+    text = (exc.stderr or str(exc)).strip().replace("stderr: ", "").strip("' \n")
+    return text.splitlines()[0] if text else "unknown error"
+
+
+# --------------------------------------------------------------------------- push
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Upstream:
+    remote: str
+    branch: str  # the branch name on the remote
+
+    @property
+    def ref(self) -> str:
+        return f"{self.remote}/{self.branch}"
+
+
+def upstream(repo: git.Repo) -> Upstream:
+    if repo.head.is_detached:
+        raise GitError(
+            "HEAD is detached, so there is nothing to push to; check out the branch "
+            "first (git checkout -B main origin/main)"
+        )
+    tracking = repo.active_branch.tracking_branch()
+    if tracking is None:
+        raise GitError(
+            f"branch {repo.active_branch.name} has no upstream; set one with "
+            f"git branch --set-upstream-to=origin/{repo.active_branch.name}"
+        )
+    return Upstream(remote=tracking.remote_name, branch=tracking.remote_head)
+
+
+def require_clean(repo: git.Repo) -> None:
+    if repo.is_dirty(untracked_files=False):
+        raise GitError(
+            "--push needs a clean work tree, since a push race resets it to the "
+            "remote; commit or stash your changes first (users.yaml edits included)"
+        )
+
+
+def sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
+    """Fetch; fast-forward onto the remote, or (reset) move onto it, discarding local commits."""
+    try:
+        repo.git.fetch("--quiet", target.remote, target.branch)
+        remote_sha = repo.git.rev_parse(f"{target.ref}")
+        if reset:
+            repo.git.reset("--hard", "--quiet", remote_sha)
+        elif repo.is_ancestor(repo.head.commit, repo.commit(remote_sha)):
+            repo.git.merge("--ff-only", "--quiet", remote_sha)
+    except git.GitCommandError as exc:
+        raise GitError(
+            f"git fetch from {target.remote} failed: {_first_line(exc)}; "
+            "check the remote and your access"
+        ) from None
+
+
+def push(repo: git.Repo, target: Upstream) -> bool:
+    """Push HEAD; False when the remote moved (rejected as not a fast-forward)."""
+    try:
+        repo.git.push("--quiet", target.remote, f"HEAD:refs/heads/{target.branch}")
+    except git.GitCommandError as exc:
+        text = exc.stderr or ""
+        if any(word in text for word in ("non-fast-forward", "fetch first", "rejected")):
+            return False
+        raise GitError(
+            f"git push to {target.remote} failed: {_first_line(exc)}; check the "
+            "remote and your access"
+        ) from None
+    return True
+
+
+def ahead_of(repo: git.Repo, target: Upstream) -> bool:
+    return bool(repo.head.commit.hexsha != repo.git.rev_parse(target.ref))

