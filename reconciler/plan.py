@@ -33,7 +33,8 @@ from reconciler.model import (
 )
 
 BACKDATE = timedelta(minutes=5)
-"""not_before lies this far before now, so a server whose clock is a little behind accepts it."""
+"""not_before and a CRL's thisUpdate lie this far before now, so a PostgreSQL server whose clock
+is a little behind accepts a fresh certificate and CRL (a CRL not yet valid locks out all)."""
 
 _KIND_ORDER = {CertKind.CLIENT: 0, CertKind.SERVER: 1}
 
@@ -383,7 +384,7 @@ def _plan_crl(ctx: _Context, actions: Sequence[Action]) -> Action:
         reasons=tuple(reasons),
         crl=CRLIssuance(
             number=number,
-            this_update=ctx.start,
+            this_update=ctx.start - BACKDATE,
             next_update=ctx.start + spec.validity,
             revoked=tuple(sorted(revoked.values(), key=lambda r: r.serial)),
         ),

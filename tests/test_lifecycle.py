@@ -258,7 +258,8 @@ def test_crl_is_resigned_when_it_goes_stale(state: Path) -> None:
     crl = x509.load_pem_x509_crl((state / "ca/crl.pem").read_bytes())
     next_update = crl.next_update_utc
     assert next_update is not None
-    assert next_update - crl.last_update_utc == timedelta(days=30)
+    assert next_update == T0 + timedelta(days=30)
+    assert crl.last_update_utc == T0 - timedelta(minutes=5)  # backdated for clock skew
     stale_from = next_update - timedelta(days=20)  # refresh_before
     assert kinds(plan_json(state, stale_from - timedelta(seconds=1)))["crl"] == "noop"
     assert kinds(plan_json(state, stale_from))["crl"] == "crl"
