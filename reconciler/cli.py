@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from reconciler import __version__, engine, render
+from reconciler import export as export_stage
+from reconciler import hba as hba_stage
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
 from reconciler.report import State, StatusRow
@@ -117,6 +119,29 @@ def _build_parser() -> _Parser:
             metavar="FILE",
             help=f"read the key passphrase from FILE instead of ${Which.KEY.env}",
         )
+    export = commands.add_parser(
+        "export", help="write one certificate, its key, the CA and the CRL for PostgreSQL"
+    )
+    export.add_argument("name", help="the user (--layout libpq) or server (--layout server)")
+    export.add_argument("--layout", choices=["libpq", "server"], required=True)
+    export.add_argument("--out", type=Path, required=True, metavar="DIR")
+    export.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="keep the key encrypted (libpq's sslpassword is then the key passphrase)",
+    )
+    export.add_argument("--force", action="store_true", help="replace files that differ")
+    export.add_argument("--key-passphrase-file", type=Path, metavar="FILE")
+    hba = commands.add_parser("hba", help="print the pg_hba.conf fragment, or check a file")
+    hba.add_argument(
+        "--check",
+        type=Path,
+        metavar="FILE",
+        help="exit 1 when an earlier line of FILE takes a generated rule's connections",
+    )
+    hba.add_argument(
+        "--strict", action="store_true", help="with --check, also fail on lines it cannot judge"
+    )
     status = commands.add_parser("status", help="what is on disk, with days left")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.add_argument(
@@ -247,6 +272,50 @@ def _apply(
     return EXIT_OK
 
 
+def _export(
+    args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    sources = _sources(args, environ)
+    result = export_stage.export(
+        args.state,
+        args.name,
+        args.layout,
+        args.out,
+        now=now,
+        key_passphrase=None if args.encrypted else sources.find(Which.KEY),
+        encrypted=args.encrypted,
+        force=args.force,
+    )
+    for warning in result.warnings:
+        err.write(f"reconciler: warning: {warning}\n")
+    for path in result.written:
+        out.write(f"wrote {path}\n")
+    for path in result.unchanged:
+        out.write(f"unchanged {path}\n")
+    return EXIT_OK
+
+
+def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    desired = engine.snapshot(args.state).desired
+    if args.check is None:
+        out.write(hba_stage.fragment(desired))
+        return EXIT_OK
+    findings, notes = hba_stage.check(desired, args.check)
+    for note in notes:
+        err.write(f"reconciler: note: {note}\n")
+    for finding in findings:
+        out.write(finding.describe() + "\n")
+    failing = {"shadowed", "missing"} | ({"unknown"} if args.strict else set())
+    if any(finding.kind in failing for finding in findings):
+        err.write(
+            f"reconciler: {args.check} does not let every generated rule through; see above.\n"
+        )
+        return EXIT_USER
+    total = len(hba_stage.generated_rules(desired))
+    out.write(f"{args.check}: all {total} generated rules are reached first.\n")
+    return EXIT_OK
+
+
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
     rows = engine.status(args.state, now)
     out.write(render.status_json(rows) if args.json else render.status_text(rows))
@@ -292,6 +361,8 @@ def main(
             "apply": lambda: _apply(args, now, env, out, err),
             "reconcile": lambda: _apply(args, now, env, out, err),
             "status": lambda: _status(args, now, out, err),
+            "export": lambda: _export(args, now, env, out, err),
+            "hba": lambda: _hba(args, out, err),
         }
         return handlers[args.command]()
     except ReconcilerError as exc:
