@@ -35,6 +35,7 @@ from reconciler.model import (
     LeafSpec,
     RenewBefore,
     Subject,
+    describe_duration,
 )
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
@@ -86,7 +87,9 @@ class _Problems:
 
     def add(self, path: DocPath, message: str) -> None:
         line = self.line_of(path)
-        self.found.append((line, f"{self.display}:{line}: {format_path(path)}: {message}"))
+        entry = (line, f"{self.display}:{line}: {format_path(path)}: {message}")
+        if entry not in self.found:
+            self.found.append(entry)
 
     def raise_if_any(self) -> None:
         if self.found:
@@ -109,6 +112,7 @@ class _Builder:
         self.problems: list[tuple[int, str]] = []
         self.display = display
         self.nodes = 0
+        self.active: set[int] = set()
         self.constructor = yaml.constructor.SafeConstructor()
 
     def _problem(self, node: yaml.Node, path: DocPath, message: str) -> None:
@@ -120,13 +124,26 @@ class _Builder:
         if self.nodes > self.max_nodes:
             raise _NodeBudgetExceeded
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in self.active:
+            self._problem(
+                node, path, "this YAML alias refers to the value that contains it; write it out"
+            )
+            return None
         if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
+            self.active.add(id(node))
+            try:
+                return self._mapping(node, path)
+            finally:
+                self.active.discard(id(node))
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SCALAR_TAG + "seq":
                 self._problem(node, path, f"unsupported YAML tag {node.tag}; remove the tag")
                 return None
-            return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
+            self.active.add(id(node))
+            try:
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            finally:
+                self.active.discard(id(node))
         assert isinstance(node, yaml.ScalarNode)
         return self._scalar(node, path)
 
@@ -183,7 +200,18 @@ class _Builder:
                 "mappings, lists, text and numbers, so remove the tag",
             )
             return None
-        return constructors[kind](node)
+        shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+        try:
+            value = constructors[kind](node)
+        except ValueError:
+            self._problem(
+                node, path, f"{shown!r} cannot be read as a {kind}; write one, or remove the tag"
+            )
+            return None
+        if isinstance(value, int) and value.bit_length() > 64:
+            self._problem(node, path, f"{shown} is far too large a number; write a smaller one")
+            return None
+        return value
 
 
 def _read_text(path: Path, display: str) -> str:
@@ -205,7 +233,7 @@ def _read_text(path: Path, display: str) -> str:
         raise DesiredStateError(
             [
                 f"{display}:1: the file is larger than "
-                f"{MAX_FILE_BYTES // (1024 * 1024)} MiB; split nothing, but "
+                f"{MAX_FILE_BYTES // (1024 * 1024)} MiB, more than any desired state needs; "
                 "check that the right file is being read"
             ]
         )
@@ -223,9 +251,17 @@ def _read_text(path: Path, display: str) -> str:
 
 def parse_yaml(text: str, display: str) -> tuple[Any, dict[DocPath, int]]:
     """Parse YAML text into plain values and a map from document path to line number."""
-    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text)
+    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]|\r(?!\n)", text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
+        if bad.group() in ("\r", "\x85", "\u2028", "\u2029"):
+            raise DesiredStateError(
+                [
+                    f"{display}:{line}: the file contains the line break {bad.group()!r}, "
+                    "which YAML counts as a new line and most editors do not; save the file "
+                    "with LF (or CRLF) line endings only"
+                ]
+            )
         raise DesiredStateError(
             [
                 f"{display}:{line}: the file contains the control character "
@@ -237,8 +273,13 @@ def parse_yaml(text: str, display: str) -> tuple[Any, dict[DocPath, int]]:
         root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
+        if exc.context_mark is not None and "end of stream" in (exc.problem or ""):
+            mark = exc.context_mark
+        last = max(text.count("\n") + (0 if text.endswith("\n") else 1), 1)
+        line = min(mark.line + 1, last) if mark is not None else 1
         what = exc.problem or exc.context or "not valid YAML"
+        if exc.problem and exc.context:
+            what = f"{exc.problem} {exc.context}"
         raise DesiredStateError(
             [
                 f"{display}:{line}: YAML syntax error: {what}; fix the "
@@ -455,16 +496,30 @@ class _SemanticChecker:
         return duration
 
     def check_window(
-        self, renew: RenewBefore, renew_path: DocPath | None, validity: timedelta, where: DocPath
+        self,
+        renew: RenewBefore,
+        renew_path: DocPath | None,
+        validity: timedelta,
+        where: DocPath,
+        validity_path: DocPath | None = None,
     ) -> None:
-        if renew.duration is not None and renew.duration >= validity:
+        if renew.duration is None or renew.duration < validity:
+            return
+        own_renew = renew_path is not None and renew_path[: len(where)] == where
+        if validity_path is not None and not own_renew:
             self.problems.add(
-                renew_path or where,
-                "renew_before must be shorter than validity "
-                f"({renew.describe()} is not shorter than "
-                f"{int(validity.total_seconds()) // 3600}h); shorten it or "
-                "write a share such as 33%",
+                validity_path,
+                f"validity {describe_duration(validity)} is not longer than renew_before "
+                f"{renew.describe()} from {format_path(renew_path or ('defaults',))}; "
+                "lengthen it, or give this entry its own renew_before",
             )
+            return
+        self.problems.add(
+            renew_path or where,
+            "renew_before must be shorter than validity "
+            f"({renew.describe()} is not shorter than {describe_duration(validity)}); "
+            "shorten it or write a share such as 33%",
+        )
 
     def run(self) -> Desired:
         doc = self.doc
@@ -495,6 +550,13 @@ class _SemanticChecker:
             ),
             renew_path=("defaults", "renew_before") if "renew_before" in defaults_doc else None,
             subject=dict(defaults_doc.get("subject", {})),
+        )
+        self.check_window(
+            defaults.renew_before,
+            defaults.renew_path,
+            defaults.validity,
+            ("defaults",),
+            ("defaults", "validity") if "validity" in defaults_doc else None,
         )
         leaves = [
             *self._entries("users", CertKind.CLIENT, defaults),
@@ -528,7 +590,13 @@ class _SemanticChecker:
             if "renew_before" in entry:
                 renew = parse_renew_before(entry["renew_before"])
                 renew_path = (*path, "renew_before")
-            self.check_window(renew, renew_path, validity, path)
+            self.check_window(
+                renew,
+                renew_path,
+                validity,
+                path,
+                (*path, "validity") if "validity" in entry else None,
+            )
             yield LeafSpec(
                 kind=kind,
                 name=name,
@@ -536,7 +604,7 @@ class _SemanticChecker:
                 validity=validity,
                 renew_before=renew,
                 subject=_subject({**defaults.subject, **entry.get("subject", {})}, name),
-                generation=entry.get("generation", 1),
+                generation=int(entry.get("generation", 1)),
                 dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
                 ips=self._ips(entry, path),
                 hba=self._hba(entry, path),
@@ -555,7 +623,10 @@ class _SemanticChecker:
         result: list[str] = []
         for index, text in enumerate(entry.get("ip", [])):
             try:
-                address = str(ipaddress.ip_address(text))
+                parsed = ipaddress.ip_address(text)
+                if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
+                    raise ValueError
+                address = str(parsed)
             except ValueError:
                 self.problems.add(
                     (*path, "ip", index),
