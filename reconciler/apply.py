@@ -7,6 +7,7 @@ then the removal of files of revoked names, so a revocation is recorded before e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +18,7 @@ from reconciler import pki
 from reconciler.errors import SecretError, StateError
 from reconciler.model import (
     Action,
+    ActionKind,
     CertKind,
     CertStatus,
     Issuance,
@@ -81,12 +83,18 @@ def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passp
 
 
 def _ledger_after(
-    ledger: Ledger, actions: Iterable[Action], new: list[LedgerEntry], crl_number: int | None
+    ledger: Ledger,
+    actions: Iterable[Action],
+    new: list[LedgerEntry],
+    crl_number: int | None,
+    ca_fingerprint: str,
+    ca_key_sha256: str,
 ) -> Ledger:
+    adopted = [entry for action in actions for entry in action.adopt]
     revoked = {r.serial: r for action in actions for r in action.revoke}
     superseded = {serial for action in actions for serial in action.supersede}
     entries = []
-    for entry in ledger.entries:
+    for entry in (*ledger.entries, *adopted):
         if entry.serial in revoked:
             revocation = revoked[entry.serial]
             entry = dataclasses.replace(
@@ -102,7 +110,15 @@ def _ledger_after(
     return Ledger(
         entries=tuple(entries),
         crl_number=crl_number if crl_number is not None else ledger.crl_number,
+        ca_fingerprint=ca_fingerprint,
+        ca_key_sha256=ca_key_sha256,
     )
+
+
+def needs_ca(action: Action) -> bool:
+    """Everything but a repair that records nothing (chmod, removing temporary files) signs:
+    a certificate, the CRL, or at least the ledger."""
+    return action.kind is not ActionKind.REPAIR or bool(action.adopt)
 
 
 def apply(
@@ -113,12 +129,40 @@ def apply(
     ca_passphrase: Passphrase | None,
     key_passphrase: Passphrase | None,
 ) -> Outcome:
-    """Execute every change in plan. Checks both passphrases before the first write."""
+    """Execute every change in plan. Checks both passphrases before the first write.
+
+    Order: the CA (bootstrap); each new key, then its certificate; the ledger; the CRL; then
+    files of revoked names and temporary files are removed, and modes restored. A crash at any
+    point leaves nothing a later apply cannot finish: a certificate written before the ledger
+    is found on disk and recorded (adopted) by the next plan.
+    """
     if plan.blockers:
         raise StateError(plan.blockers[0])
     changes = plan.changes
-    if not changes:
-        return Outcome()
+    writer = _Writer(store)
+    issued: list[tuple[str, int]] = []
+    if any(needs_ca(action) for action in changes):
+        issued = _sign_and_record(plan, observed, store, writer, ca_passphrase, key_passphrase)
+    for action in changes:
+        for relative in action.remove_paths:
+            writer.remove(store.root / relative)
+    for action in (*changes, *plan.housekeeping):
+        for relative, mode in action.chmod:
+            path = store.root / relative
+            if path.exists():
+                store.chmod(path, mode)
+    return Outcome(changed=tuple(writer.changed), issued=tuple(issued))
+
+
+def _sign_and_record(
+    plan: Plan,
+    observed: Observed,
+    store: StateDir,
+    writer: _Writer,
+    ca_passphrase: Passphrase | None,
+    key_passphrase: Passphrase | None,
+) -> list[tuple[str, int]]:
+    changes = plan.changes
     if ca_passphrase is None:
         raise SecretError(
             "the CA passphrase is needed to sign; set RECONCILER_CA_PASSPHRASE "
@@ -132,10 +176,9 @@ def apply(
             "(nothing was written)"
         )
     ca_action = next((action.ca for action in changes if action.ca is not None), None)
-    writer = _Writer(store)
-
     if ca_action is None:
         ca_cert, ca_key = _unlock_ca(store, ca_passphrase)
+        ca_key_sha256 = observed.ca_key_sha256 or ""
         if issuing and key_passphrase is not None:
             _check_key_passphrase(observed, store, key_passphrase)
     else:
@@ -147,10 +190,26 @@ def apply(
             not_before=ca_action.not_before,
             not_after=ca_action.not_after,
         )
-        writer.write(store.ca_key, pki.encrypt_key(ca_key, ca_passphrase.reveal()), secret=True)
+        ca_key_pem = pki.encrypt_key(ca_key, ca_passphrase.reveal())
+        ca_key_sha256 = hashlib.sha256(ca_key_pem).hexdigest()
+        writer.write(store.ca_key, ca_key_pem, secret=True)
         writer.write(store.ca_cert, pki.pem(ca_cert))
 
     taken = {entry.serial for entry in observed.ledger.entries}
+    adopted = [entry for action in changes for entry in action.adopt]
+    taken |= {entry.serial for entry in adopted}
+    ca_fingerprint = pki.certificate_facts(ca_cert, None).fingerprint
+    sign = functools.partial(pki.sign, ca_key)
+    if adopted:
+        # Write ahead: record what an interrupted apply left on disk before anything below
+        # overwrites it, so a second crash cannot lose a certificate that reached the disk.
+        recorded = dataclasses.replace(
+            observed.ledger,
+            entries=(*observed.ledger.entries, *adopted),
+            ca_fingerprint=ca_fingerprint,
+            ca_key_sha256=ca_key_sha256,
+        )
+        writer.write(store.ledger, encode_ledger(recorded, sign))
     new_entries: list[LedgerEntry] = []
     issued: list[tuple[str, int]] = []
     for action in issuing:
@@ -162,9 +221,14 @@ def apply(
 
     crl_action = next((action.crl for action in changes if action.crl is not None), None)
     ledger = _ledger_after(
-        observed.ledger, changes, new_entries, crl_action.number if crl_action else None
+        observed.ledger,
+        changes,
+        new_entries,
+        crl_action.number if crl_action else None,
+        ca_fingerprint,
+        ca_key_sha256,
     )
-    writer.write(store.ledger, encode_ledger(ledger))
+    writer.write(store.ledger, encode_ledger(ledger, sign))
     if crl_action is not None:
         crl = pki.build_crl(
             ca_cert,
@@ -182,7 +246,7 @@ def apply(
             kind = CertKind(kind_text)
             writer.remove(store.leaf_key(kind, name))
             writer.remove(store.leaf_cert(kind, name))
-    return Outcome(changed=tuple(writer.changed), issued=tuple(issued))
+    return issued
 
 
 class _Writer:

@@ -102,6 +102,13 @@ def _build_parser() -> _Parser:
             help="push the commit to the upstream; retry on top of it when it moved",
         )
         apply.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=engine.DEFAULT_LOCK_TIMEOUT,
+            metavar="SECONDS",
+            help="wait this long for another apply on the same state directory (default 60)",
+        )
+        apply.add_argument(
             "--prometheus",
             type=Path,
             metavar="FILE",
@@ -230,6 +237,7 @@ def _apply(
         commit=not args.no_commit,
         push=args.push,
         environ=environ,
+        lock_timeout=args.lock_timeout,
     )
     report = result.applied
     for passphrase in report.bootstrapped:

@@ -17,7 +17,7 @@ from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
 from reconciler.report import StatusRow, status_rows
 from reconciler.secrets import Passphrase, SecretSources, Which
-from reconciler.store import StateDir
+from reconciler.store import LockTimeout, StateDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,12 @@ def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyRe
     plan = make_plan(snap.desired, snap.observed, now=now)
     if plan.blockers:
         raise StateError(" ".join(f"{b}." if not b.endswith(".") else b for b in plan.blockers))
-    if not plan.changes:
-        return ApplyReport(plan=plan, outcome=apply_stage.Outcome())
+    if not any(apply_stage.needs_ca(action) for action in plan.changes):
+        # nothing to sign: temporary files and modes need no passphrase
+        outcome = apply_stage.apply(
+            plan, snap.observed, snap.store, ca_passphrase=None, key_passphrase=None
+        )
+        return ApplyReport(plan=plan, outcome=outcome)
     ca_passphrase, key_passphrase = sources.find(Which.CA), sources.find(Which.KEY)
     bootstrapped: list[Passphrase] = []
     if any(action.kind is ActionKind.CA for action in plan.actions):
@@ -88,6 +92,7 @@ def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyRe
 
 
 MAX_PUSH_ATTEMPTS = 5
+DEFAULT_LOCK_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +112,12 @@ def _record(repo: record_stage.Repo, state_dir: Path, report: ApplyReport) -> re
         repo,
         state_dir,
         report.outcome.changed,
-        lambda users_edited: record_stage.commit_message(
+        lambda users_edited, leftovers: record_stage.commit_message(
             render.done_summary(report.plan),
             report.plan,
             new_serials,
             users_yaml_edited=users_edited,
+            leftovers=leftovers,
         ),
     )
 
@@ -124,8 +130,10 @@ def run(
     commit: bool = True,
     push: bool = False,
     environ: Mapping[str, str] | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> RunReport:
-    """apply: reconcile, commit what changed when inside git, and push with retries.
+    """apply, under the state directory's lock: reconcile, commit what changed when inside
+    git, and push with retries.
 
     When the push is rejected because the remote moved, the local commit is discarded (its
     certificates were never committed anywhere else nor distributed), the branch moves onto the
@@ -134,7 +142,30 @@ def run(
     """
     if push and not commit:
         raise UsageError("--push and --no-commit contradict each other; drop one")
+    store = StateDir(state_dir)
+    if not store.root.is_dir():
+        snapshot(state_dir)  # says what is wrong with the path
+    try:
+        with store.locked(lock_timeout):
+            return _run_locked(state_dir, now, sources, commit, push, environ)
+    except LockTimeout:
+        raise StateError(
+            f"another apply is running on {state_dir} and holds its lock; waited "
+            f"{lock_timeout:g} s: let it finish, or raise --lock-timeout"
+        ) from None
+
+
+def _run_locked(
+    state_dir: Path,
+    now: datetime,
+    sources: SecretSources,
+    commit: bool,
+    push: bool,
+    environ: Mapping[str, str] | None,
+) -> RunReport:
     repo = record_stage.find_repo(state_dir, environ) if commit else None
+    if repo is not None:
+        record_stage.clear_stale_locks(repo)
     if not push:
         report = reconcile(state_dir, now, sources)
         recorded = _record(repo, state_dir, report) if repo is not None else None

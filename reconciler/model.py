@@ -234,10 +234,23 @@ class LedgerEntry:
 class Ledger:
     entries: tuple[LedgerEntry, ...] = ()
     crl_number: int = 0
-    problem: str | None = None  # "unusable: …" when the file could not be read
+    problem: str | None = None  # "missing", or "unusable: …" when the file could not be read
+    ca_fingerprint: str | None = None  # SHA-256 of the CA certificate it was written under
+    ca_key_sha256: str | None = None  # SHA-256 of the encrypted CA key file
+    signature_ok: bool | None = None  # its CA signature verifies; None: no CA to check with
 
     def by_serial(self) -> Mapping[int, LedgerEntry]:
         return {entry.serial: entry for entry in self.entries}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TempFile:
+    """A temporary file an interrupted write left behind, and the certificate it may hold."""
+
+    path: str  # relative to the state directory
+    cert: CertFacts | None
+    kind: CertKind | None
+    name: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,6 +259,10 @@ class Observed:
     crl: ObservedCRL
     leaves: tuple[ObservedLeaf, ...]
     ledger: Ledger
+    modes: tuple[tuple[str, int], ...] = ()  # managed path (relative) → permission bits
+    temp_files: tuple[TempFile, ...] = ()
+    plaintext_keys: tuple[str, ...] = ()  # files (relative) holding an unencrypted private key
+    ca_key_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- plan
@@ -258,6 +275,7 @@ class ActionKind(enum.StrEnum):
     RENEW = "renew"
     REVOKE = "revoke"
     CRL = "crl"
+    REPAIR = "repair"
     NOOP = "noop"
 
 
@@ -303,7 +321,10 @@ class Action:
     crl: CRLIssuance | None = None
     supersede: tuple[int, ...] = ()
     revoke: tuple[Revocation, ...] = ()
-    remove_files: bool = False
+    remove_files: bool = False  # the name's key and certificate (a removed name)
+    adopt: tuple[LedgerEntry, ...] = ()  # certificates on disk the ledger lacks: record them
+    remove_paths: tuple[str, ...] = ()  # other files to delete (temporary files), relative
+    chmod: tuple[tuple[str, int], ...] = ()  # (relative path, mode) to restore
 
     @property
     def changes(self) -> bool:
@@ -315,6 +336,7 @@ class Plan:
     now: datetime
     actions: tuple[Action, ...]
     blockers: tuple[str, ...] = ()  # problems apply refuses to repair on its own
+    housekeeping: tuple[Action, ...] = ()  # done by every apply, never a change (file modes)
 
     @property
     def changes(self) -> tuple[Action, ...]:

@@ -1,7 +1,9 @@
 """Read the state directory into an immutable Observed value. Needs no passphrase.
 
 A file that cannot be used is an observation ("unusable: …"), never an exception: deciding what
-to do about it is plan()'s job.
+to do about it is plan()'s job. Observed too: file modes, temporary files left by an interrupted
+write (and any certificate in them), files holding an unencrypted private key, and whether the
+ledger's CA signature verifies.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from reconciler.model import (
     ObservedCA,
     ObservedCRL,
     ObservedLeaf,
+    TempFile,
 )
-from reconciler.store import StateDir
+from reconciler.store import TEMP_PREFIX, TEMP_SUFFIX, Listing, StateDir
 
 _ENCRYPTED_PEM = re.compile(
     rb"\A\s*-----BEGIN ENCRYPTED PRIVATE KEY-----\r?\n([A-Za-z0-9+/=\r\n]+)"
@@ -41,7 +44,7 @@ def key_facts(data: bytes | None) -> KeyFacts:
         except binascii.Error:
             return KeyFacts(problem="unusable: broken PEM", sha256=digest)
         return KeyFacts(problem=None, sha256=digest)
-    if b"PRIVATE KEY-----" in data and b"ENCRYPTED" not in data:
+    if pki.PLAINTEXT_KEY.search(data):
         return KeyFacts(problem="not encrypted", sha256=digest)
     return KeyFacts(problem="unusable: not an encrypted PKCS#8 PEM key", sha256=digest)
 
@@ -51,80 +54,135 @@ def _problem(exc: Exception) -> str:
     return f"unusable: {text}"
 
 
-def _observe_ca(store: StateDir) -> tuple[ObservedCA, x509.Certificate | None]:
-    key = key_facts(store.read(store.ca_key))
-    data = store.read(store.ca_cert)
-    if data is None:
-        return ObservedCA(cert=None, cert_problem="missing", key=key, key_id=None), None
-    try:
-        cert = pki.load_certificates(data)[0]
-        facts = pki.certificate_facts(cert, cert)
-    except ValueError as exc:
-        return ObservedCA(cert=None, cert_problem=_problem(exc), key=key, key_id=None), None
-    if not facts.is_ca or not facts.signed_by_ca:
-        return (
-            ObservedCA(
-                cert=facts, cert_problem="not a self-signed CA certificate", key=key, key_id=None
-            ),
-            None,
-        )
-    return ObservedCA(cert=facts, cert_problem=None, key=key, key_id=pki.subject_key_id(cert)), cert
+class _Observer:
+    def __init__(self, store: StateDir) -> None:
+        self.store = store
+        self.plaintext: list[str] = []
 
+    def read(self, relative: str) -> bytes | None:
+        """Read a file that must not hold a private key, noting it when it does."""
+        data = self.store.read(self.store.root / relative)
+        if data is not None and pki.PLAINTEXT_KEY.search(data):
+            self.plaintext.append(relative)
+        return data
 
-def _observe_leaf(
-    store: StateDir, kind: CertKind, name: str, ca_cert: x509.Certificate | None
-) -> ObservedLeaf:
-    key = key_facts(store.read(store.leaf_key(kind, name)))
-    data = store.read(store.leaf_cert(kind, name))
-    if data is None:
-        return ObservedLeaf(kind=kind, name=name, cert=None, cert_problem="missing", key=key)
-    try:
-        cert = pki.load_certificates(data)[0]
-        facts = pki.certificate_facts(cert, ca_cert)
-    except ValueError as exc:
-        return ObservedLeaf(kind=kind, name=name, cert=None, cert_problem=_problem(exc), key=key)
-    return ObservedLeaf(kind=kind, name=name, cert=facts, cert_problem=None, key=key)
+    def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
+        key = key_facts(self.store.read(self.store.ca_key))
+        data = self.read("ca/ca.crt")
+        if data is None:
+            return ObservedCA(cert=None, cert_problem="missing", key=key, key_id=None), None
+        try:
+            cert = pki.load_certificates(data)[0]
+            facts = pki.certificate_facts(cert, cert)
+        except ValueError as exc:
+            return ObservedCA(cert=None, cert_problem=_problem(exc), key=key, key_id=None), None
+        if not facts.is_ca or not facts.signed_by_ca:
+            return (
+                ObservedCA(
+                    cert=facts,
+                    cert_problem="not a self-signed CA certificate",
+                    key=key,
+                    key_id=None,
+                ),
+                None,
+            )
+        ca = ObservedCA(cert=facts, cert_problem=None, key=key, key_id=pki.subject_key_id(cert))
+        return ca, cert
 
+    def leaf(self, kind: CertKind, name: str, ca_cert: x509.Certificate | None) -> ObservedLeaf:
+        key = key_facts(self.store.read(self.store.leaf_key(kind, name)))
+        data = self.read(f"{kind.directory}/{name}.crt")
+        if data is None:
+            return ObservedLeaf(kind=kind, name=name, cert=None, cert_problem="missing", key=key)
+        try:
+            facts = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
+        except ValueError as exc:
+            return ObservedLeaf(
+                kind=kind, name=name, cert=None, cert_problem=_problem(exc), key=key
+            )
+        return ObservedLeaf(kind=kind, name=name, cert=facts, cert_problem=None, key=key)
 
-def _observe_crl(store: StateDir, ca_cert: x509.Certificate | None) -> ObservedCRL:
-    data = store.read(store.crl)
-    if data is None:
+    def crl(self, ca_cert: x509.Certificate | None) -> ObservedCRL:
+        data = self.read("ca/crl.pem")
+        if data is None:
+            return ObservedCRL(
+                problem="missing",
+                number=None,
+                this_update=None,
+                next_update=None,
+                serials=frozenset(),
+            )
+        try:
+            crl = x509.load_pem_x509_crl(data)
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            serials = frozenset(entry.serial_number for entry in crl)
+            this_update, next_update = crl.last_update_utc, crl.next_update_utc
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            return ObservedCRL(
+                problem=_problem(exc),
+                number=None,
+                this_update=None,
+                next_update=None,
+                serials=frozenset(),
+            )
+        problem = None
+        if ca_cert is None or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            problem = "not signed by the current CA"
         return ObservedCRL(
-            problem="missing", number=None, this_update=None, next_update=None, serials=frozenset()
+            problem=problem,
+            number=number,
+            this_update=this_update,
+            next_update=next_update,
+            serials=serials,
         )
-    try:
-        crl = x509.load_pem_x509_crl(data)
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        serials = frozenset(entry.serial_number for entry in crl)
-        this_update, next_update = crl.last_update_utc, crl.next_update_utc
-    except (ValueError, x509.ExtensionNotFound) as exc:
-        return ObservedCRL(
-            problem=_problem(exc),
-            number=None,
-            this_update=None,
-            next_update=None,
-            serials=frozenset(),
-        )
-    problem = None
-    if ca_cert is None or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
-        problem = "not signed by the current CA"
-    return ObservedCRL(
-        problem=problem,
-        number=number,
-        this_update=this_update,
-        next_update=next_update,
-        serials=serials,
-    )
+
+    def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:
+        data = self.store.read(self.store.root / relative) or b""
+        directory, _, file = relative.rpartition("/")
+        target = file[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
+        kind = next((k for k in CertKind if k.directory == directory), None)
+        cert = None
+        if target.endswith(".crt"):
+            try:
+                cert = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
+            except ValueError:
+                cert = None
+        if pki.PLAINTEXT_KEY.search(data):
+            self.plaintext.append(relative)
+        name = target[:-4] if kind is not None and target.endswith((".crt", ".key")) else None
+        return TempFile(path=relative, cert=cert, kind=kind, name=name)
 
 
 def observe(store: StateDir) -> Observed:
     """Everything plan() needs to know about the state directory, read once."""
-    ca, ca_cert = _observe_ca(store)
+    listing: Listing = store.scan()
+    observer = _Observer(store)
+    ca, ca_cert = observer.ca()
     leaves = tuple(
-        _observe_leaf(store, kind, name, ca_cert)
+        observer.leaf(kind, name, ca_cert)
         for kind in CertKind
-        for name in store.leaf_names(kind)
+        for name in store.leaf_names(kind, listing)
     )
+    crl = observer.crl(ca_cert)
+    verify = None
+    if ca_cert is not None:
+        public_key = ca_cert.public_key()
+
+        def verify(data: bytes, signature: bytes) -> bool:
+            return pki.verify(public_key, data, signature)
+
+    ledger = store.load_ledger(verify)
+    temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
+    for relative in [*listing.other_files, "users.yaml"]:
+        observer.read(relative)
+    ca_key = store.read(store.ca_key)
     return Observed(
-        ca=ca, crl=_observe_crl(store, ca_cert), leaves=leaves, ledger=store.load_ledger()
+        ca=ca,
+        crl=crl,
+        leaves=leaves,
+        ledger=ledger,
+        modes=tuple(sorted(listing.modes.items())),
+        temp_files=temp_files,
+        plaintext_keys=tuple(sorted(set(observer.plaintext))),
+        ca_key_sha256=hashlib.sha256(ca_key).hexdigest() if ca_key is not None else None,
     )

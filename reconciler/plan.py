@@ -6,6 +6,7 @@ issuer and ledger → spec → time window), and every reason that applies is ke
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from reconciler.model import (
     Action,
     ActionKind,
     CAIssuance,
+    CertFacts,
     CertKind,
     CertStatus,
     CRLIssuance,
@@ -31,6 +33,7 @@ from reconciler.model import (
     format_serial,
     format_time,
 )
+from reconciler.store import expected_mode
 
 BACKDATE = timedelta(minutes=5)
 """not_before and a CRL's thisUpdate lie this far before now, so a PostgreSQL server whose clock
@@ -85,35 +88,49 @@ class _Context:
 # --------------------------------------------------------------------------- CA
 
 
+def _bootstrap(ctx: _Context, why: str) -> Action:
+    spec = ctx.desired.ca
+    ctx.new_ca = True
+    not_after = ctx.start + spec.validity
+    ctx.ca_not_after = not_after
+    return Action(
+        kind=ActionKind.CA,
+        subject="ca",
+        reasons=(f"{why} ({_dn(spec.subject)}; {spec.key}; valid until {_day(not_after)})",),
+        ca=CAIssuance(spec=spec, not_before=ctx.start - BACKDATE, not_after=not_after),
+    )
+
+
 def _plan_ca(ctx: _Context, blockers: list[str]) -> Action:
-    ca, spec = ctx.observed.ca, ctx.desired.ca
-    live = [entry for entry in ctx.observed.ledger.entries if _live(entry, ctx.now)]
+    ca, spec, ledger = ctx.observed.ca, ctx.desired.ca, ctx.observed.ledger
+    live = [entry for entry in ledger.entries if _live(entry, ctx.now)]
+    # A first apply writes ca.key, ca.crt, the certificates, the ledger, then the CRL: with no
+    # ledger and no CRL, half a CA can only be an interrupted first apply, and nothing it signed
+    # was recorded or handed out.
+    first_run = ledger.problem == "missing" and ctx.observed.crl.problem == "missing"
     if ca.cert is None and ca.cert_problem == "missing":
+        if ca.key.problem == "missing" and not live:
+            return _bootstrap(ctx, "no CA yet: create one")
+        if ca.key.problem != "missing" and first_run:
+            return _bootstrap(
+                ctx, "an interrupted first apply left ca/ca.key without ca/ca.crt: create the CA"
+            )
         if ca.key.problem != "missing":
             blockers.append(
                 "ca/ca.key exists but ca/ca.crt does not: restore ca/ca.crt from git "
                 "(git checkout -- ca/ca.crt), or move ca.key away to start a new CA"
             )
-        elif live:
+        else:
             blockers.append(
                 f"ca/ca.crt is missing but the ledger holds {len(live)} certificates "
                 "that are still valid: restore ca/ in the state directory from git; "
                 "a new CA could not revoke them"
             )
-        else:
-            ctx.new_ca = True
-            not_after = ctx.start + spec.validity
-            ctx.ca_not_after = not_after
-            return Action(
-                kind=ActionKind.CA,
-                subject="ca",
-                reasons=(
-                    f"no CA yet: create one ({_dn(spec.subject)}; {spec.key}; valid until "
-                    f"{_day(not_after)})",
-                ),
-                ca=CAIssuance(spec=spec, not_before=ctx.start - BACKDATE, not_after=not_after),
-            )
         return Action(kind=ActionKind.NOOP, subject="ca", reasons=("blocked: see above",))
+    if ca.cert is not None and ca.key.problem == "missing" and first_run:
+        return _bootstrap(
+            ctx, "an interrupted first apply left ca/ca.crt without ca/ca.key: create the CA"
+        )
     if ca.cert is None or ca.cert_problem is not None:
         blockers.append(
             f"ca/ca.crt is {ca.cert_problem}: restore it from git; the tool never "
@@ -127,6 +144,29 @@ def _plan_ca(ctx: _Context, blockers: list[str]) -> Action:
             else "restore it from git"
         )
         blockers.append(f"ca/ca.key is {ca.key.problem}: {advice}")
+    if ledger.ca_fingerprint is not None and ledger.ca_fingerprint != ca.cert.fingerprint:
+        blockers.append(
+            f"ca/ca.crt is not the CA this state was issued under (the ledger names "
+            f"{ledger.ca_fingerprint[:16]}…, ca.crt is {ca.cert.fingerprint[:16]}…): restore "
+            "ca/ from git (git log -- ca/ shows who changed it); a CA is never replaced "
+            "automatically, since every certificate and the CRL hang on it"
+        )
+    elif (
+        ledger.ca_key_sha256 is not None
+        and ctx.observed.ca_key_sha256 is not None
+        and ledger.ca_key_sha256 != ctx.observed.ca_key_sha256
+    ):
+        blockers.append(
+            "ca/ca.key is not the key file this state was issued with: restore it from git "
+            "(git checkout -- ca/ca.key); if you re-encrypted it on purpose, restore the old "
+            "file, since the reconciler cannot tell that from a replaced key"
+        )
+    elif ledger.signature_ok is False:
+        blockers.append(
+            "ledger.jsonl was changed outside the reconciler (its CA signature does not "
+            "verify): restore it from git (git log -p -- ledger.jsonl shows the edit); only "
+            "apply writes the ledger"
+        )
     reasons = [f"valid until {_day(ca.cert.not_after)}"]
     if ca.cert.not_after <= ctx.now:
         blockers.append(
@@ -217,21 +257,44 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     issuance, note = ctx.issuance(spec)
     notes = (note,) if note else ()
 
+    # Every still-valid certificate of another generation is revoked, whatever else happens:
+    # a generation bump is a promise that the old keys stop working, and it must survive an
+    # apply that was interrupted after the new certificate reached the disk.
+    old_generation = tuple(
+        Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED)
+        for e in entries
+        if _live(e, ctx.now) and e.generation not in (0, spec.generation)
+    )
+    old_reason = (
+        (
+            f"generation is {spec.generation}: revoke the older generation's serial"
+            f"{'s' if len(old_generation) > 1 else ''} "
+            f"{', '.join(_short(r.serial) for r in old_generation)}",
+        )
+        if old_generation
+        else ()
+    )
+    revoked_serials = {r.serial for r in old_generation}
+    supersede = tuple(s for s in supersede if s not in revoked_serials)
+
     problems = _issue_problems(ctx, leaf)
     if problems:
+        adopt = _adoptable(ctx, leaf)
         return Action(
             kind=ActionKind.ISSUE,
             subject=spec.ref,
-            reasons=(*problems, *notes),
+            reasons=(*problems, *old_reason, *notes),
             serial=serial,
             issue=issuance,
-            supersede=supersede,
+            supersede=(*supersede, *(entry.serial for entry in adopt)),
+            revoke=old_generation,
+            adopt=adopt,
         )
     assert leaf is not None
     assert current is not None
     changes, generation_changed = _spec_changes(ctx, spec, leaf)
     if changes:
-        revoke: tuple[Revocation, ...] = ()
+        revoke: tuple[Revocation, ...] = old_generation
         if generation_changed:
             revoke = tuple(
                 Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED)
@@ -253,10 +316,14 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     renew_from = current.not_after - window
     if ctx.now < renew_from:
         return Action(
-            kind=ActionKind.NOOP,
+            kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
             subject=spec.ref,
             serial=serial,
-            reasons=(f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",),
+            reasons=(
+                f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",
+                *old_reason,
+            ),
+            revoke=old_generation,
         )
     if ctx.now >= current.not_after:
         why = f"expired on {format_time(current.not_after)}"
@@ -268,14 +335,16 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
         )
     if issuance.not_after <= current.not_after:
         return Action(
-            kind=ActionKind.NOOP,
+            kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
             subject=spec.ref,
             serial=serial,
             reasons=(
                 why,
                 "not renewed: a new certificate would not outlive this one, "
                 "because the CA expires first; replace the CA",
+                *old_reason,
             ),
+            revoke=old_generation,
         )
     return Action(
         kind=ActionKind.RENEW,
@@ -283,7 +352,8 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
         serial=serial,
         issue=issuance,
         supersede=supersede,
-        reasons=(why, *notes),
+        revoke=old_generation,
+        reasons=(why, *old_reason, *notes),
     )
 
 
@@ -294,17 +364,12 @@ def _plan_removal(ctx: _Context, ref: str, leaf: ObservedLeaf | None) -> Action:
     ]
     serials = {e.serial for e in live}
     current = leaf.cert if leaf is not None else None
-    if (
-        current is not None
-        and current.signed_by_ca
-        and not ctx.new_ca
-        and current.serial not in serials
-        and current.not_after > ctx.now
-        and not _already_revoked(ctx, current.serial)
-    ):
-        revoke.append(
-            Revocation(current.serial, ctx.start, RevocationReason.CESSATION_OF_OPERATION)
-        )
+    adopt = _adoptable(ctx, leaf)
+    for entry in adopt:
+        if entry.not_after > ctx.now and entry.serial not in serials:
+            revoke.append(
+                Revocation(entry.serial, ctx.start, RevocationReason.CESSATION_OF_OPERATION)
+            )
     reasons = ["no longer in users.yaml"]
     if revoke:
         listed = ", ".join(_short(r.serial) for r in revoke)
@@ -318,12 +383,88 @@ def _plan_removal(ctx: _Context, ref: str, leaf: ObservedLeaf | None) -> Action:
         serial=current.serial if current else None,
         revoke=tuple(revoke),
         remove_files=leaf is not None,
+        adopt=adopt,
     )
 
 
-def _already_revoked(ctx: _Context, serial: int) -> bool:
-    entry = ctx.by_serial.get(serial)
-    return entry is not None and entry.status is CertStatus.REVOKED
+def _unrecorded(ctx: _Context, cert: CertFacts | None) -> bool:
+    """A certificate of the current CA that the ledger does not know: an interrupted apply
+    wrote it. It is recorded (adopted) so that it can be superseded or revoked like any other."""
+    return (
+        cert is not None
+        and cert.signed_by_ca
+        and not ctx.new_ca
+        and not cert.is_ca
+        and cert.serial not in ctx.by_serial
+    )
+
+
+def _adopted_entry(cert: CertFacts, kind: CertKind, name: str, key_sha256: str) -> LedgerEntry:
+    return LedgerEntry(
+        serial=cert.serial,
+        kind=kind,
+        name=name,
+        not_before=cert.not_before,
+        not_after=cert.not_after,
+        key=cert.key,
+        spec="unknown",
+        generation=0,
+        fingerprint=cert.fingerprint,
+        key_sha256=key_sha256,
+    )
+
+
+def _adoptable(ctx: _Context, leaf: ObservedLeaf | None) -> tuple[LedgerEntry, ...]:
+    if leaf is None or not _unrecorded(ctx, leaf.cert):
+        return ()
+    assert leaf.cert is not None
+    return (_adopted_entry(leaf.cert, leaf.kind, leaf.name, leaf.key.sha256 or ""),)
+
+
+# --------------------------------------------------------------------------- repairs
+
+
+def _plan_temp_files(ctx: _Context) -> Action | None:
+    temps = ctx.observed.temp_files
+    if not temps:
+        return None
+    reasons = [
+        f"{len(temps)} temporary file{'s' if len(temps) > 1 else ''} left by an interrupted "
+        "write: remove them"
+    ]
+    adopt = []
+    for temp in temps:
+        if temp.kind is not None and temp.name is not None and _unrecorded(ctx, temp.cert):
+            assert temp.cert is not None
+            entry = _adopted_entry(temp.cert, temp.kind, temp.name, "")
+            adopt.append(dataclasses.replace(entry, status=CertStatus.SUPERSEDED))
+            reasons.append(f"{temp.path} holds serial {_short(temp.cert.serial)}: record it")
+    return Action(
+        kind=ActionKind.REPAIR,
+        subject="temporary files",
+        reasons=tuple(reasons),
+        adopt=tuple(adopt),
+        remove_paths=tuple(temp.path for temp in temps),
+    )
+
+
+def _plan_modes(ctx: _Context) -> Action | None:
+    wrong = [
+        (path, mode, expected_mode(path))
+        for path, mode in ctx.observed.modes
+        if mode != expected_mode(path)
+    ]
+    if not wrong:
+        return None
+    shown = [f"{path} is {mode:04o}, should be {want:04o}" for path, mode, want in wrong[:5]]
+    if len(wrong) > 5:
+        shown.append(f"and {len(wrong) - 5} more")
+    return Action(
+        kind=ActionKind.REPAIR,
+        subject="file modes",
+        reasons=(f"{len(wrong)} file modes to restore (git keeps no modes)", *shown),
+        chmod=tuple((path, want) for path, _, want in wrong),
+    )
 
 
 # --------------------------------------------------------------------------- CRL
@@ -434,4 +575,23 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
             else _plan_removal(ctx, ref, leaves.get(ref))
         )
     actions.append(_plan_crl(ctx, actions))
-    return Plan(now=now, actions=tuple(actions), blockers=tuple(blockers))
+    temp_files = _plan_temp_files(ctx)
+    if temp_files is not None:
+        actions.append(temp_files)
+    # git keeps no file modes, so every fresh clone has 0644 keys: restoring modes is
+    # housekeeping that every apply does, not a change that would show on every plan
+    modes = _plan_modes(ctx)
+    housekeeping = (modes,) if modes is not None else ()
+    for path in observed.plaintext_keys:
+        what = (
+            "delete it from the file"
+            if path == "users.yaml"
+            else ("move it out of the state directory (everything there is committed)")
+        )
+        blockers.append(
+            f"{path} holds an unencrypted private key: {what}; if it was ever committed or "
+            "pushed, treat that key as leaked (SECURITY.md says how to recover)"
+        )
+    return Plan(
+        now=now, actions=tuple(actions), blockers=tuple(blockers), housekeeping=housekeeping
+    )

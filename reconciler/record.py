@@ -7,16 +7,18 @@ Other staged or unstaged work in the repository is left alone: the commit is mad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import git
 
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
+from reconciler.pki import PLAINTEXT_KEY
 
 DEFAULT_NAME = "reconciler"
 DEFAULT_EMAIL = "reconciler@localhost"
@@ -27,7 +29,6 @@ _PASSPHRASE_VARIABLES = (
     "RECONCILER_CA_PASSPHRASE_FILE",
     "RECONCILER_KEY_PASSPHRASE_FILE",
 )
-_PLAINTEXT_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH )?PRIVATE KEY-----")
 
 
 Repo = git.Repo
@@ -79,11 +80,20 @@ def _action_line(action: Action, new_serials: Mapping[str, int]) -> str:
 
 
 def commit_message(
-    summary: str, plan: Plan, new_serials: Mapping[str, int], *, users_yaml_edited: bool
+    summary: str,
+    plan: Plan,
+    new_serials: Mapping[str, int],
+    *,
+    users_yaml_edited: bool,
+    leftovers: int = 0,
 ) -> str:
+    if leftovers and not plan.changes:
+        summary = "files an interrupted apply left uncommitted"
     lines = [f"reconcile: {summary}", ""]
     if users_yaml_edited:
         lines.append("users.yaml: the edit that caused this change")
+    if leftovers:
+        lines.append(f"recovered: {leftovers} files written by an interrupted apply")
     lines += [_action_line(action, new_serials) for action in plan.changes]
     lines += ["", f"Reconciled-at: {format_time(plan.now)}"]
     return "\n".join(lines) + "\n"
@@ -136,7 +146,7 @@ def guard(root: Path, paths: Iterable[str]) -> None:
                 "ever committed; nothing was committed"
             )
         full = root / path
-        if full.is_file() and _PLAINTEXT_KEY.search(full.read_bytes()):
+        if full.is_file() and PLAINTEXT_KEY.search(full.read_bytes()):
             raise StateError(
                 f"refusing to commit {path}: it holds an unencrypted private key; "
                 "remove it (keys in the state directory are always encrypted); "
@@ -144,23 +154,45 @@ def guard(root: Path, paths: Iterable[str]) -> None:
             )
 
 
+_MANAGED = re.compile(
+    r"^(ca/(ca\.crt|ca\.key|crl\.pem)|(clients|servers)/[^/.][^/]*\.(crt|key)|ledger\.jsonl)$"
+)
+
+
+def _uncommitted_state(repo: git.Repo, prefix: str) -> list[str]:
+    """Files the reconciler writes that differ from HEAD: what an interrupted apply left."""
+    out = repo.git.status("--porcelain", "-z", "--untracked-files=all", "--", prefix or ".")
+    found = []
+    for item in out.split("\0"):
+        path = item[3:]
+        relative = path[len(prefix) + 1 :] if prefix else path
+        if len(item) > 3 and _MANAGED.match(relative):
+            found.append(path)
+    return found
+
+
 def record(
     repo: git.Repo,
     state_dir: Path,
     changed: Sequence[str],
-    message_for: Callable[[bool], str],
+    message_for: Callable[[bool, int], str],
 ) -> Recorded:
-    """Commit the state-relative paths in changed, and users.yaml when it has edits.
+    """Commit the state-relative paths in changed, users.yaml when it has edits, and any file
+    the reconciler writes that an interrupted apply left uncommitted.
 
-    message_for gets whether users.yaml is part of the commit and returns the message.
+    message_for gets whether users.yaml is part of the commit and how many files were left
+    over from an interrupted apply, and returns the message.
     """
     root = Path(str(repo.working_tree_dir)).resolve()
-    prefix = state_dir.resolve().relative_to(root)
-    paths = [str(PurePosixPath(prefix.as_posix()) / p) for p in changed]
-    users = str(PurePosixPath(prefix.as_posix()) / "users.yaml")
+    prefix = state_dir.resolve().relative_to(root).as_posix()
+    prefix = "" if prefix == "." else prefix
+    paths = [str(PurePosixPath(prefix) / p) for p in changed]
+    users = str(PurePosixPath(prefix) / "users.yaml")
     users_edited = bool(repo.git.status("--porcelain", "--", users))
     if users_edited and users not in paths:
         paths.append(users)
+    leftovers = [p for p in _uncommitted_state(repo, prefix) if p not in paths]
+    paths += leftovers
     ignored = _ignored(repo, paths)
     paths = [p for p in dict.fromkeys(paths) if p not in ignored]
     if not paths:
@@ -171,17 +203,56 @@ def record(
     paths = [p for p in paths if p in present or p in tracked]
     if not paths:
         return Recorded(sha=None, ignored=tuple(sorted(ignored)))
-    message = message_for(users_edited)
+    message = message_for(users_edited, len([p for p in leftovers if p in paths]))
     try:
-        if present:
-            repo.git.add("--", *present)
-        repo.git.commit("--only", "--quiet", "-m", message, "--", *paths)
+        with _git_operation(repo):
+            if present:
+                repo.git.add("--", *present)
+            repo.git.commit("--only", "--quiet", "-m", message, "--", *paths)
     except git.GitCommandError as exc:
         raise GitError(
             f"git commit failed: {_first_line(exc)}; the state directory is "
             "written but not committed: fix git and run apply again"
         ) from None
     return Recorded(sha=repo.head.commit.hexsha, paths=tuple(paths), ignored=tuple(sorted(ignored)))
+
+
+_MARKER = "reconciler-git-operation.pid"
+
+
+@contextlib.contextmanager
+def _git_operation(repo: git.Repo) -> Iterator[None]:
+    """Mark a git operation as ours, so that a lock file it leaves when this process is killed
+    can be told apart from the lock of a git command that is still running."""
+    marker = Path(repo.git_dir) / _MARKER
+    marker.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def clear_stale_locks(repo: git.Repo) -> list[str]:
+    """Remove git lock files left by a reconciler that was killed during a git operation."""
+    git_dir = Path(repo.git_dir)
+    marker = git_dir / _MARKER
+    try:
+        pid = int(marker.read_text().strip())
+    except (OSError, ValueError):
+        return []
+    try:
+        os.kill(pid, 0)
+        return []  # still running (another state directory of this repository)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return []
+    removed = []
+    for lock in [*git_dir.glob("*.lock"), *(git_dir / "refs").rglob("*.lock")]:
+        lock.unlink(missing_ok=True)
+        removed.append(str(lock.relative_to(git_dir)))
+    marker.unlink(missing_ok=True)
+    return removed
 
 
 def _first_line(exc: git.GitCommandError) -> str:
@@ -228,12 +299,8 @@ def require_clean(repo: git.Repo) -> None:
 def sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
     """Fetch; fast-forward onto the remote, or (reset) move onto it, discarding local commits."""
     try:
-        repo.git.fetch("--quiet", target.remote, target.branch)
-        remote_sha = repo.git.rev_parse(f"{target.ref}")
-        if reset:
-            repo.git.reset("--hard", "--quiet", remote_sha)
-        elif repo.is_ancestor(repo.head.commit, repo.commit(remote_sha)):
-            repo.git.merge("--ff-only", "--quiet", remote_sha)
+        with _git_operation(repo):
+            _sync(repo, target, reset=reset)
     except git.GitCommandError as exc:
         raise GitError(
             f"git fetch from {target.remote} failed: {_first_line(exc)}; "
@@ -241,10 +308,20 @@ def sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
         ) from None
 
 
+def _sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
+    repo.git.fetch("--quiet", target.remote, target.branch)
+    remote_sha = repo.git.rev_parse(f"{target.ref}")
+    if reset:
+        repo.git.reset("--hard", "--quiet", remote_sha)
+    elif repo.is_ancestor(repo.head.commit, repo.commit(remote_sha)):
+        repo.git.merge("--ff-only", "--quiet", remote_sha)
+
+
 def push(repo: git.Repo, target: Upstream) -> bool:
     """Push HEAD; False when the remote moved (rejected as not a fast-forward)."""
     try:
-        repo.git.push("--quiet", target.remote, f"HEAD:refs/heads/{target.branch}")
+        with _git_operation(repo):
+            repo.git.push("--quiet", target.remote, f"HEAD:refs/heads/{target.branch}")
     except git.GitCommandError as exc:
         text = exc.stderr or ""
         if any(word in text for word in ("non-fast-forward", "fetch first", "rejected")):

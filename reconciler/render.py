@@ -16,6 +16,7 @@ _PLAN_WORDS = {
     ActionKind.RENEW: "to renew",
     ActionKind.REVOKE: "to revoke",
     ActionKind.CRL: "CRL to sign",
+    ActionKind.REPAIR: "to repair",
 }
 _DONE_WORDS = {
     ActionKind.CA: "CA created",
@@ -24,6 +25,7 @@ _DONE_WORDS = {
     ActionKind.RENEW: "renewed",
     ActionKind.REVOKE: "revoked",
     ActionKind.CRL: "CRL refreshed",
+    ActionKind.REPAIR: "repaired",
 }
 
 
@@ -70,6 +72,8 @@ def plan_text(plan: Plan) -> str:
     ]
     text = f"Plan at {format_time(plan.now)}: {summary(plan)}\n\n"
     text += _table(("ACTION", "SUBJECT", "SERIAL", "REASONS"), rows)
+    for chore in plan.housekeeping:
+        text += f"\n\nHousekeeping (every apply does it): {'; '.join(chore.reasons)}"
     for blocker in plan.blockers:
         text += f"\n\nBLOCKED: {blocker}"
     return text + "\n"
@@ -97,6 +101,7 @@ def plan_json(plan: Plan) -> str:
         "changes": len(plan.changes),
         "summary": summary(plan),
         "blockers": list(plan.blockers),
+        "housekeeping": ["; ".join(chore.reasons) for chore in plan.housekeeping],
         "actions": [_action_json(action) for action in plan.actions],
     }
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -133,6 +138,8 @@ def plan_markdown(plan: Plan) -> str:
             for a in unchanged
         ]
         lines += ["", "</details>"]
+    for chore in plan.housekeeping:
+        lines += ["", f"Housekeeping: {_md('; '.join(chore.reasons))}"]
     lines += ["", f"_Planned at {format_time(plan.now)}._"]
     return "\n".join(lines) + "\n"
 

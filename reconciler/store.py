@@ -6,10 +6,14 @@ renamed over the target, so a reader sees the old file or the new one, never hal
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import fcntl
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -29,6 +33,30 @@ DIR_MODE = 0o755
 LEDGER_FORMAT = 1
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
+LEAF_DIRS = ("clients", "servers")
+MANAGED_DIRS = ("ca", "clients", "servers")
+MANAGED_FILES = ("ca/ca.crt", "ca/ca.key", "ca/crl.pem", "ledger.jsonl")
+LOCAL_FILES = ("users.yaml",)
+
+
+class LockTimeout(Exception):
+    """Another process holds the state directory's lock."""
+
+
+@dataclasses.dataclass
+class Listing:
+    """What scan() found below the state directory."""
+
+    leaf_files: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    modes: dict[str, int] = dataclasses.field(default_factory=dict)  # managed paths
+    temp_files: list[str] = dataclasses.field(default_factory=list)
+    other_files: list[str] = dataclasses.field(default_factory=list)
+
+
+def expected_mode(relative: str) -> int:
+    if relative in MANAGED_DIRS:
+        return DIR_MODE
+    return KEY_MODE if relative.endswith(".key") else PUBLIC_MODE
 
 
 class StateDir:
@@ -66,21 +94,56 @@ class StateDir:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
-    def leaf_names(self, kind: CertKind) -> list[str]:
+    def scan(self) -> Listing:
+        """Every file and directory below the state directory, classified, with its mode."""
+        listing = Listing()
+        for directory, dirs, files in os.walk(self.root):
+            where = Path(directory)
+            relative_dir = "" if where == self.root else str(where.relative_to(self.root))
+            dirs.sort()
+            if relative_dir in MANAGED_DIRS:
+                listing.modes[relative_dir] = os.stat(where).st_mode & 0o7777
+            for file in sorted(files):
+                relative = f"{relative_dir}/{file}" if relative_dir else file
+                if file.endswith(TEMP_SUFFIX) and file.startswith(TEMP_PREFIX):
+                    listing.temp_files.append(relative)
+                elif (
+                    relative_dir in LEAF_DIRS
+                    and file.endswith((".crt", ".key"))
+                    and len(file) > 4
+                    and not file.startswith(".")
+                ):
+                    listing.leaf_files.setdefault(relative_dir, []).append(file)
+                    listing.modes[relative] = os.lstat(where / file).st_mode & 0o7777
+                elif relative in MANAGED_FILES:
+                    listing.modes[relative] = os.lstat(where / file).st_mode & 0o7777
+                elif relative not in LOCAL_FILES:
+                    listing.other_files.append(relative)
+        return listing
+
+    def leaf_names(self, kind: CertKind, listing: Listing | None = None) -> list[str]:
         """Names that have a certificate or a key file; temporary files are not names."""
-        directory = self.root / kind.directory
+        files = (listing or self.scan()).leaf_files.get(kind.directory, [])
+        return sorted({file[:-4] for file in files})
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float) -> Iterator[None]:
+        """Hold the state directory's lock, waiting up to timeout seconds. The lock is a flock
+        on the directory itself, so taking it writes nothing."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            files = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        names = set()
-        for file in files:
-            if file.startswith(TEMP_PREFIX):
-                continue
-            for suffix in (".crt", ".key"):
-                if file.endswith(suffix) and len(file) > len(suffix):
-                    names.add(file[: -len(suffix)])
-        return sorted(names)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # ------------------------------------------------------------------ reading
 
@@ -98,6 +161,10 @@ class StateDir:
         atomic_write(path, data, KEY_MODE if secret else PUBLIC_MODE)
 
     @staticmethod
+    def chmod(path: Path, mode: int) -> None:
+        os.chmod(path, mode, follow_symlinks=False)
+
+    @staticmethod
     def remove(path: Path) -> bool:
         try:
             path.unlink()
@@ -108,22 +175,30 @@ class StateDir:
 
     # ------------------------------------------------------------------ ledger
 
-    def load_ledger(self) -> Ledger:
+    def load_ledger(self, verify: Callable[[bytes, bytes], bool] | None = None) -> Ledger:
+        """The ledger; verify(signed bytes, signature) checks its CA signature when given."""
         data = self.read(self.ledger)
         if data is None:
             return Ledger(problem="missing")
         try:
-            return decode_ledger(data)
+            ledger, signed, signature = decode_ledger(data)
         except (ValueError, KeyError, TypeError) as exc:
             return Ledger(problem=f"unusable: {exc}")
+        if verify is None:
+            return ledger
+        ok = signature is not None and verify(signed, signature)
+        return dataclasses.replace(ledger, signature_ok=ok)
 
-    def write_ledger(self, ledger: Ledger) -> None:
-        self.write(self.ledger, encode_ledger(ledger))
+
+def _make_dirs(directory: Path) -> None:
+    if not directory.is_dir():
+        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(directory, DIR_MODE)  # the umask may have narrowed it
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write NAME.tmp beside path with its final mode, fsync it, rename it over path."""
-    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    _make_dirs(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()
@@ -182,18 +257,32 @@ def encode_entry(entry: LedgerEntry) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
-def encode_ledger(ledger: Ledger) -> bytes:
-    lines = [
-        json.dumps(
-            {"ledger": LEDGER_FORMAT, "crl_number": ledger.crl_number}, separators=(", ", ": ")
-        )
-    ]
+def encode_ledger(ledger: Ledger, sign: Callable[[bytes], bytes]) -> bytes:
+    """The ledger's bytes, ending in a line with the CA's signature over everything before."""
+    header = {
+        "ledger": LEDGER_FORMAT,
+        "crl_number": ledger.crl_number,
+        "ca": ledger.ca_fingerprint,
+        "ca_key": ledger.ca_key_sha256,
+    }
+    lines = [json.dumps(header, separators=(", ", ": "))]
     lines.extend(encode_entry(entry) for entry in ledger.entries)
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    body = ("\n".join(lines) + "\n").encode("utf-8")
+    signature = base64.b64encode(sign(body)).decode("ascii")
+    return body + json.dumps({"signature": signature}).encode("ascii") + b"\n"
 
 
-def decode_ledger(data: bytes) -> Ledger:
-    lines = data.decode("utf-8").splitlines()
+def decode_ledger(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
+    """The ledger, the bytes its signature covers, and the signature (None when unsigned)."""
+    signature: bytes | None = None
+    signed = data
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    last = data[last_start:].strip()
+    if last.startswith(b'{"signature"'):
+        record = json.loads(last)
+        signature = base64.b64decode(record["signature"], validate=True)
+        signed = data[:last_start]
+    lines = signed.decode("utf-8").splitlines()
     if not lines:
         raise ValueError("the file is empty")
     header = json.loads(lines[0])
@@ -202,7 +291,13 @@ def decode_ledger(data: bytes) -> Ledger:
     crl_number = header["crl_number"]
     if not isinstance(crl_number, int) or crl_number < 0:
         raise ValueError("line 1: crl_number is not a whole number")
-    return Ledger(entries=tuple(_decode_lines(lines)), crl_number=crl_number)
+    ledger = Ledger(
+        entries=tuple(_decode_lines(lines)),
+        crl_number=crl_number,
+        ca_fingerprint=header.get("ca"),
+        ca_key_sha256=header.get("ca_key"),
+    )
+    return ledger, signed, signature
 
 
 def _decode_lines(lines: list[str]) -> Iterator[LedgerEntry]:

@@ -194,11 +194,12 @@ class Pki:
         return x509.load_pem_x509_crl(self.first_crl.read_bytes())
 
     def ledger(self) -> tuple[dict[str, object], list[dict[str, object]]]:
-        header, *entries = (
+        header, *entries, signature = (
             json.loads(line)
             for line in self.path("ledger.jsonl").read_text("utf-8").splitlines()
             if line.strip()
         )
+        assert set(signature) == {"signature"}  # the CA's signature closes the ledger
         return header, entries
 
 

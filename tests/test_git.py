@@ -20,6 +20,7 @@ from support import SECRETS, at, cert, run, users_yaml
 from reconciler import record
 from reconciler.engine import plan_state
 from reconciler.errors import StateError
+from reconciler.pki import PLAINTEXT_KEY
 
 T0 = at("2027-01-01T00:00:00Z")
 USERS = "  - name: alice\n  - name: bob\n"
@@ -59,7 +60,7 @@ def remote(tmp_path: Path) -> Path:
     git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(bare))
     seed = tmp_path / "seed"
     git(tmp_path, "clone", "--quiet", str(bare), str(seed))
-    (seed / ".gitignore").write_text(".secrets/\nstate/.lock\n")
+    (seed / ".gitignore").write_text(".secrets/\n")
     (seed / "state").mkdir()
     (seed / "state" / "users.yaml").write_text(users_yaml(USERS))
     (seed / "README.md").write_text("ops repo\n")
@@ -252,7 +253,7 @@ def test_guard_refuses_plaintext_keys_and_secrets(remote: Path, tmp_path: Path) 
     work = clone(remote, "guard")
     assert run(work / "state", "apply", now=T0, environ=ENV).code == 0
     head = commits(work)[0]
-    # a key pasted into users.yaml: apply writes, but the commit is refused
+    # a key pasted into users.yaml: the plan refuses before anything is written
     key = subprocess.run(
         ["openssl", "genpkey", "-algorithm", "ed25519"], capture_output=True, check=True
     ).stdout.decode()
@@ -260,11 +261,13 @@ def test_guard_refuses_plaintext_keys_and_secrets(remote: Path, tmp_path: Path) 
     (work / "state" / "users.yaml").write_text(
         text + "".join(f"# {line}\n" for line in key.splitlines())
     )
+    before = git(work, "status", "--porcelain")
     refused = run(work / "state", "apply", now=T0, environ=ENV)
     assert refused.code == 1
-    assert "refusing to commit state/users.yaml" in refused.err
-    assert "unencrypted private key" in refused.err
+    assert "users.yaml holds an unencrypted private key: delete it from the file" in refused.err
     assert commits(work)[0] == head
+    assert git(work, "status", "--porcelain") == before  # the plan refused: nothing written
+    # the guard in front of git catches what the plan could not: here, called directly
     repo = record.find_repo(work / "state")
     assert repo is not None
     secrets = work / ".secrets"
@@ -275,7 +278,7 @@ def test_guard_refuses_plaintext_keys_and_secrets(remote: Path, tmp_path: Path) 
     plain = work / "state" / "clients" / "mallory.key"
     plain.write_text(key)
     with pytest.raises(StateError, match=r"refusing to commit state/clients/mallory\.key"):
-        record.record(repo, work / "state", ["clients/mallory.key"], lambda edited: "x")
+        record.record(repo, work / "state", ["clients/mallory.key"], lambda edited, left: "x")
     assert commits(work)[0] == head
 
 
@@ -294,4 +297,4 @@ def test_no_plaintext_private_key_was_ever_committed(remote: Path) -> None:
     encrypted = [b for b in blobs if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in b]
     assert len(encrypted) >= 5  # the scan sees the keys: CA, alice twice, bob, renewals
     for blob in blobs:
-        assert not record._PLAINTEXT_KEY.search(blob)
+        assert not PLAINTEXT_KEY.search(blob)

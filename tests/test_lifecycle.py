@@ -32,7 +32,7 @@ SERVERS = "  - name: db1.acme.example\n    dns: [pg.acme.example]\n    ip: [10.0
 
 def ledger(state: Path) -> list[dict[str, object]]:
     lines = (state / "ledger.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines[1:]]
+    return [json.loads(line) for line in lines[1:-1]]  # no header, no signature
 
 
 def serial_of(state: Path, ref: str) -> int:

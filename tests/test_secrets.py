@@ -5,6 +5,9 @@ validate, plan and status must work with no secret at all (the pull-request pipe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -133,3 +136,60 @@ def test_ci_never_bootstraps_passphrases_it_would_lose(state: Path) -> None:
     assert "CI secret store" in result.err
     assert not (state / "ca").exists()
     assert not (state.parent / ".secrets").exists()
+
+
+def test_passphrases_never_reach_output_commit_messages_or_process_arguments(
+    tmp_path: Path,
+) -> None:
+    """Run the real CLI in a subprocess with git tracing on: git logs every command line it is
+    started with, and /proc shows our own arguments; neither may hold a passphrase."""
+    repo = tmp_path / "repo"
+    (repo / "state").mkdir(parents=True)
+    (repo / "state" / "users.yaml").write_text(users_yaml(USERS))
+    trace_file = tmp_path / "git-trace.log"  # git appends every command line it runs here
+    env = {
+        **os.environ,
+        **SECRETS,
+        "GIT_TRACE": str(trace_file),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    outputs = []
+    for now in ("2027-01-01T00:00:00Z", "2027-01-25T00:00:00Z"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "--state",
+                str(repo / "state"),
+                "--now",
+                now,
+                "apply",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outputs.append(done.stdout + done.stderr)
+    trace = trace_file.read_text()
+    assert "git commit --only" in trace
+    trace += "\n".join(outputs)
+    log = subprocess.run(
+        ["git", "log", "--format=%B"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+    assert "reconcile:" in log
+    for secret in (CA_PASSPHRASE, KEY_PASSPHRASE):
+        assert secret not in trace  # output, and every git command line
+        assert secret not in log
+    # the state directory: keys 0600, everything else 0644, directories 0755
+    for path in (repo / "state").rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o755, path
+        elif path.name != "users.yaml":
+            assert mode == (0o600 if path.suffix == ".key" else 0o644), path
