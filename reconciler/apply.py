@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
@@ -29,6 +30,18 @@ from reconciler.model import (
 )
 from reconciler.secrets import Passphrase
 from reconciler.store import StateDir, encode_ledger
+
+
+class Progress(Protocol):
+    """A progress display (tqdm fits): apply reports each certificate it issues."""
+
+    def update(self, n: float | None = 1) -> object: ...
+
+    def close(self) -> object: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+"""Makes a Progress for (total, what); the command line decides whether to show one."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,6 +141,7 @@ def apply(
     *,
     ca_passphrase: Passphrase | None,
     key_passphrase: Passphrase | None,
+    progress: ProgressFactory | None = None,
 ) -> Outcome:
     """Execute every change in plan. Checks both passphrases before the first write.
 
@@ -142,7 +156,9 @@ def apply(
     writer = _Writer(store)
     issued: list[tuple[str, int]] = []
     if any(needs_ca(action) for action in changes):
-        issued = _sign_and_record(plan, observed, store, writer, ca_passphrase, key_passphrase)
+        issued = _sign_and_record(
+            plan, observed, store, writer, ca_passphrase, key_passphrase, progress
+        )
     for action in changes:
         for relative in action.remove_paths:
             writer.remove(store.root / relative)
@@ -161,6 +177,7 @@ def _sign_and_record(
     writer: _Writer,
     ca_passphrase: Passphrase | None,
     key_passphrase: Passphrase | None,
+    progress: ProgressFactory | None,
 ) -> list[tuple[str, int]]:
     changes = plan.changes
     if ca_passphrase is None:
@@ -212,12 +229,19 @@ def _sign_and_record(
         writer.write(store.ledger, encode_ledger(recorded, sign))
     new_entries: list[LedgerEntry] = []
     issued: list[tuple[str, int]] = []
-    for action in issuing:
-        assert action.issue is not None
-        assert key_passphrase is not None
-        entry = _issue(action.issue, writer, ca_cert, ca_key, key_passphrase, taken)
-        new_entries.append(entry)
-        issued.append((action.subject, entry.serial))
+    bar = progress(len(issuing), "issuing") if progress is not None and issuing else None
+    try:
+        for action in issuing:
+            assert action.issue is not None
+            assert key_passphrase is not None
+            entry = _issue(action.issue, writer, ca_cert, ca_key, key_passphrase, taken)
+            new_entries.append(entry)
+            issued.append((action.subject, entry.serial))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
     crl_action = next((action.crl for action in changes if action.crl is not None), None)
     ledger = _ledger_after(
@@ -301,4 +325,7 @@ def _issue(
         generation=spec.generation,
         fingerprint=facts.fingerprint,
         key_sha256=hashlib.sha256(key_pem).hexdigest(),
+        subject=facts.subject,
+        dns=facts.dns,
+        ips=facts.ips,
     )

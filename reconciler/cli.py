@@ -19,6 +19,7 @@ from typing import NoReturn, TextIO
 from reconciler import __version__, engine, render
 from reconciler import export as export_stage
 from reconciler import hba as hba_stage
+from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
 from reconciler.report import State, StatusRow
@@ -66,6 +67,12 @@ def _build_parser() -> _Parser:
     )
     parser.add_argument(
         "--now", metavar="ISO-8601", help="pretend it is this time (tests, simulation, drills)"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is one on a terminal during long runs)",
     )
     parser.add_argument(
         "--secrets-dir",
@@ -192,11 +199,12 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
-    snap = engine.snapshot(args.state)
-    users = sum(1 for leaf in snap.desired.leaves if leaf.kind.value == "client")
-    servers = len(snap.desired.leaves) - users
+    desired = engine.validate(args.state)
+    users = sum(1 for leaf in desired.leaves if leaf.kind.value == "client")
+    servers = len(desired.leaves) - users
     out.write(
-        f"{snap.store.users_yaml} is valid: {_count(users, 'user')}, {_count(servers, 'server')}.\n"
+        f"{args.state / 'users.yaml'} is valid: {_count(users, 'user')}, "
+        f"{_count(servers, 'server')}.\n"
     )
     return EXIT_OK
 
@@ -223,6 +231,19 @@ def _write_prometheus(path: Path, rows: Sequence[StatusRow], success: datetime |
     atomic_write(path, render.prometheus(rows, last).encode(), 0o644)
 
 
+def _progress(args: argparse.Namespace, err: TextIO) -> ProgressFactory | None:
+    """A tqdm bar on stderr (count, rate, ETA) when it is a terminal; none otherwise."""
+    if args.quiet or not err.isatty():
+        return None
+    from tqdm import tqdm
+
+    def bar(total: int, what: str) -> Progress:
+        # delay: runs that end within a second never show a bar
+        return tqdm(total=total, desc=what, unit="cert", file=err, leave=False, delay=1.0)
+
+    return bar
+
+
 def _apply(
     args: argparse.Namespace,
     now: datetime,
@@ -238,6 +259,7 @@ def _apply(
         push=args.push,
         environ=environ,
         lock_timeout=args.lock_timeout,
+        progress=_progress(args, err),
     )
     report = result.applied
     for passphrase in report.bootstrapped:

@@ -13,17 +13,19 @@ import ipaddress
 import json
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
 from reconciler.errors import DesiredStateError
+
+if TYPE_CHECKING:
+    import jsonschema
 from reconciler.model import (
     DEFAULT_RENEW_BEFORE,
     CASpec,
@@ -62,6 +64,8 @@ def schema() -> dict[str, Any]:
 
 @functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
+    import jsonschema
+
     return jsonschema.Draft202012Validator(schema())
 
 
@@ -77,13 +81,21 @@ class _Problems:
     """Collects 'FILE:LINE: PATH: message' lines, each with the line of the offending value."""
 
     display: str
-    lines: dict[DocPath, int]
+    line_source: Callable[[], dict[DocPath, int]]  # called only once a problem needs a line
     found: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    _lines: dict[DocPath, int] | None = None
+
+    @property
+    def lines(self) -> dict[DocPath, int]:
+        if self._lines is None:
+            self._lines = self.line_source()
+        return self._lines
 
     def line_of(self, path: DocPath) -> int:
-        while path not in self.lines and path:
+        lines = self.lines
+        while path not in lines and path:
             path = path[:-1]
-        return self.lines.get(path, 1)
+        return lines.get(path, 1)
 
     def add(self, path: DocPath, message: str) -> None:
         line = self.line_of(path)
@@ -251,6 +263,14 @@ def _read_text(path: Path, display: str) -> str:
 
 def parse_yaml(text: str, display: str) -> tuple[Any, dict[DocPath, int]]:
     """Parse YAML text into plain values and a map from document path to line number."""
+    return _build_tracked(_compose(text, display), display, _node_budget(text))
+
+
+def _node_budget(text: str) -> int:
+    return len(text) * NODES_PER_BYTE + NODE_ALLOWANCE
+
+
+def _compose(text: str, display: str) -> yaml.Node:
     bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]|\r(?!\n)", text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
@@ -299,7 +319,69 @@ def parse_yaml(text: str, display: str) -> tuple[Any, dict[DocPath, int]]:
                 "and a `ca:` section (see `reconciler init`)"
             ]
         )
-    builder = _Builder(display, len(text) * NODES_PER_BYTE + NODE_ALLOWANCE)
+    return root
+
+
+class _Fallback(Exception):
+    """The fast build met something unusual: the tracked build will say what."""
+
+
+_PLAIN_TAGS = {
+    _SCALAR_TAG + "str": None,
+    _SCALAR_TAG + "int": yaml.constructor.SafeConstructor.construct_yaml_int,
+    _SCALAR_TAG + "bool": yaml.constructor.SafeConstructor.construct_yaml_bool,
+    _SCALAR_TAG + "null": yaml.constructor.SafeConstructor.construct_yaml_null,
+    _SCALAR_TAG + "float": yaml.constructor.SafeConstructor.construct_yaml_float,
+}
+
+
+def _build_fast(root: yaml.Node, max_nodes: int) -> Any:
+    """Plain values from the node tree without tracking lines, for the common, valid case.
+    Raises _Fallback on anything the tracked build reports (tags, merge and duplicate keys,
+    non-text keys, alias expansion, odd numbers)."""
+    constructor = yaml.constructor.SafeConstructor()
+    count = 0
+    map_tag, seq_tag = _SCALAR_TAG + "map", _SCALAR_TAG + "seq"
+
+    def build(node: yaml.Node) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_nodes:
+            raise _Fallback
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag not in _PLAIN_TAGS:
+                raise _Fallback
+            make = _PLAIN_TAGS[node.tag]
+            if make is None:
+                return node.value
+            value = make(constructor, node)
+            if isinstance(value, int) and value.bit_length() > 64:
+                raise _Fallback
+            return value
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != map_tag:
+                raise _Fallback
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag != _SCALAR_TAG + "str" or not isinstance(key_node, yaml.ScalarNode):
+                    raise _Fallback
+                key = key_node.value
+                if key in result:
+                    raise _Fallback
+                result[key] = build(value_node)
+            return result
+        if node.tag != seq_tag:
+            raise _Fallback
+        return [build(item) for item in node.value]
+
+    try:
+        return build(root)
+    except (ValueError, RecursionError):
+        raise _Fallback from None
+
+
+def _build_tracked(root: yaml.Node, display: str, max_nodes: int) -> tuple[Any, dict[DocPath, int]]:
+    builder = _Builder(display, max_nodes)
     try:
         document = builder.build(root, ())
     except _NodeBudgetExceeded:
@@ -346,7 +428,27 @@ _TYPE_WORDS = {
 }
 
 
+@functools.cache
+def _fast_check() -> Callable[[Any], Any]:
+    """A compiled validator (fastjsonschema) for the common case of a valid document: about
+    ten times faster than jsonschema, whose messages and every-error listing are kept for
+    documents that fail. The schema uses nothing draft-07 reads differently from 2020-12."""
+    import fastjsonschema
+
+    check: Callable[[Any], Any] = fastjsonschema.compile(
+        {**schema(), "$schema": "http://json-schema.org/draft-07/schema#"}
+    )
+    return check
+
+
 def _schema_problems(document: Any, problems: _Problems) -> None:
+    import fastjsonschema
+
+    try:
+        _fast_check()(document)
+        return
+    except fastjsonschema.JsonSchemaException:
+        pass
     for error in _validator().iter_errors(document):
         path: DocPath = tuple(error.absolute_path)
         hint = error.schema.get("x-hint") if isinstance(error.schema, dict) else None
@@ -399,6 +501,9 @@ def parse_renew_before(text: str) -> RenewBefore:
     return RenewBefore(duration=parse_duration(text))
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]*\Z")  # no control or format character possible
+
+
 def role_name_problem(name: str) -> str | None:
     """Why a role name cannot become a certificate CN and a file name, or None."""
     if len(name.encode("utf-8")) > 63:
@@ -408,7 +513,7 @@ def role_name_problem(name: str) -> str | None:
         )
     if "/" in name or name.startswith("."):
         return "a role name must not contain '/' or start with '.'; rename it"
-    for char in name:
+    for char in "" if _PLAIN_NAME.match(name) else name:
         if unicodedata.category(char) in {"Cc", "Cf"}:
             return (
                 f"the role name contains the control or format character U+{ord(char):04X}; "
@@ -468,6 +573,10 @@ class _Defaults:
     renew_before: RenewBefore
     renew_path: DocPath | None
     subject: dict[str, str]
+
+    @functools.cached_property
+    def subject_without_cn(self) -> Subject:
+        return _subject(self.subject, None)  # CN comes last in SUBJECT_ORDER
 
 
 def _subject(attributes: dict[str, str], common_name: str | None) -> Subject:
@@ -603,7 +712,11 @@ class _SemanticChecker:
                 key=self.key(entry["key"], (*path, "key")) if "key" in entry else defaults.key,
                 validity=validity,
                 renew_before=renew,
-                subject=_subject({**defaults.subject, **entry.get("subject", {})}, name),
+                subject=(
+                    (*defaults.subject_without_cn, ("CN", name))
+                    if "subject" not in entry
+                    else _subject({**defaults.subject, **entry["subject"]}, name)
+                ),
                 generation=int(entry.get("generation", 1)),
                 dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
                 ips=self._ips(entry, path),
@@ -658,8 +771,15 @@ class _SemanticChecker:
 
 def parse_desired(text: str, display: str = "users.yaml") -> Desired:
     """Validate users.yaml text; raise DesiredStateError listing every problem found."""
-    document, lines = parse_yaml(text, display)
-    problems = _Problems(display, lines)
+    root = _compose(text, display)
+    budget = _node_budget(text)
+    try:
+        document = _build_fast(root, budget)
+    except _Fallback:
+        document, lines = _build_tracked(root, display, budget)
+        problems = _Problems(display, lambda: lines)
+    else:
+        problems = _Problems(display, lambda: _build_tracked(root, display, budget)[1])
     _schema_problems(document, problems)
     problems.raise_if_any()
     desired = _SemanticChecker(document, problems).run()

@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler import apply as apply_stage
-from reconciler import record as record_stage
 from reconciler import render
 from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
@@ -18,6 +18,9 @@ from reconciler.plan import plan as make_plan
 from reconciler.report import StatusRow, status_rows
 from reconciler.secrets import Passphrase, SecretSources, Which
 from reconciler.store import LockTimeout, StateDir
+
+if TYPE_CHECKING:  # GitPython is imported only by apply, which may commit
+    from reconciler import record as record_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,11 @@ class ApplyReport:
     plan: Plan
     outcome: apply_stage.Outcome
     bootstrapped: tuple[Passphrase, ...] = ()
+
+
+def validate(state_dir: Path) -> Desired:
+    store = StateDir(state_dir)
+    return load_desired(store.users_yaml, display=str(store.users_yaml))
 
 
 def snapshot(state_dir: Path) -> Snapshot:
@@ -50,7 +58,12 @@ def status(state_dir: Path, now: datetime) -> list[StatusRow]:
     return status_rows(snap.desired, snap.observed, now)
 
 
-def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyReport:
+def reconcile(
+    state_dir: Path,
+    now: datetime,
+    sources: SecretSources,
+    progress: apply_stage.ProgressFactory | None = None,
+) -> ApplyReport:
     """Plan and apply. Passphrases are generated only when a new CA is about to be created."""
     snap = snapshot(state_dir)
     plan = make_plan(snap.desired, snap.observed, now=now)
@@ -86,7 +99,12 @@ def reconcile(state_dir: Path, now: datetime, sources: SecretSources) -> ApplyRe
             f"{sources.secrets_dir / Which.CA.file_name}); nothing was written"
         )
     outcome = apply_stage.apply(
-        plan, snap.observed, snap.store, ca_passphrase=ca_passphrase, key_passphrase=key_passphrase
+        plan,
+        snap.observed,
+        snap.store,
+        ca_passphrase=ca_passphrase,
+        key_passphrase=key_passphrase,
+        progress=progress,
     )
     return ApplyReport(plan=plan, outcome=outcome, bootstrapped=tuple(bootstrapped))
 
@@ -107,6 +125,8 @@ class RunReport:
 
 
 def _record(repo: record_stage.Repo, state_dir: Path, report: ApplyReport) -> record_stage.Recorded:
+    from reconciler import record as record_stage
+
     new_serials = dict(report.outcome.issued)
     return record_stage.record(
         repo,
@@ -131,6 +151,7 @@ def run(
     push: bool = False,
     environ: Mapping[str, str] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    progress: apply_stage.ProgressFactory | None = None,
 ) -> RunReport:
     """apply, under the state directory's lock: reconcile, commit what changed when inside
     git, and push with retries.
@@ -147,7 +168,7 @@ def run(
         snapshot(state_dir)  # says what is wrong with the path
     try:
         with store.locked(lock_timeout):
-            return _run_locked(state_dir, now, sources, commit, push, environ)
+            return _run_locked(state_dir, now, sources, commit, push, environ, progress)
     except LockTimeout:
         raise StateError(
             f"another apply is running on {state_dir} and holds its lock; waited "
@@ -162,12 +183,15 @@ def _run_locked(
     commit: bool,
     push: bool,
     environ: Mapping[str, str] | None,
+    progress: apply_stage.ProgressFactory | None,
 ) -> RunReport:
+    from reconciler import record as record_stage
+
     repo = record_stage.find_repo(state_dir, environ) if commit else None
     if repo is not None:
         record_stage.clear_stale_locks(repo)
     if not push:
-        report = reconcile(state_dir, now, sources)
+        report = reconcile(state_dir, now, sources, progress)
         recorded = _record(repo, state_dir, report) if repo is not None else None
         return RunReport(applied=report, recorded=recorded, in_git=repo is not None)
     if repo is None:
@@ -176,7 +200,7 @@ def _run_locked(
     target = record_stage.upstream(repo)
     record_stage.sync(repo, target, reset=False)
     for attempt in range(1, MAX_PUSH_ATTEMPTS + 1):
-        report = reconcile(state_dir, now, sources)
+        report = reconcile(state_dir, now, sources, progress)
         recorded = _record(repo, state_dir, report)
         if not record_stage.ahead_of(repo, target):
             return RunReport(report, recorded, pushed=False, attempts=attempt, in_git=True)

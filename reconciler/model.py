@@ -64,9 +64,14 @@ class RenewBefore:
     def window(self, lifetime: timedelta) -> timedelta:
         if self.duration is not None:
             return self.duration
+        numerator, denominator = self._ratio
+        seconds = lifetime.days * 86400 + lifetime.seconds
+        return timedelta(seconds=seconds * numerator // denominator)
+
+    @property
+    def _ratio(self) -> tuple[int, int]:
         share = self.share if self.share is not None else Fraction(1, 3)
-        seconds = int(lifetime.total_seconds())
-        return timedelta(seconds=seconds * share.numerator // share.denominator)
+        return share.numerator, share.denominator
 
     def describe(self) -> str:
         if self.duration is not None:
@@ -224,6 +229,11 @@ class LedgerEntry:
     status: CertStatus = CertStatus.VALID
     revoked_at: datetime | None = None
     reason: RevocationReason | None = None
+    # what the certificate says, so a certificate whose fingerprint the signed ledger holds need
+    # not be parsed or verified again (None in entries written before these were recorded)
+    subject: Subject | None = None
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:

@@ -8,21 +8,23 @@ ledger's CA signature verifies.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
+from collections.abc import Mapping
 
 from cryptography import x509
 
 from reconciler import pki
 from reconciler.model import (
+    CertFacts,
     CertKind,
     KeyFacts,
+    LedgerEntry,
     Observed,
     ObservedCA,
     ObservedCRL,
     ObservedLeaf,
+    Subject,
     TempFile,
 )
 from reconciler.store import TEMP_PREFIX, TEMP_SUFFIX, Listing, StateDir
@@ -37,12 +39,7 @@ def key_facts(data: bytes | None) -> KeyFacts:
     if data is None:
         return KeyFacts(problem="missing", sha256=None)
     digest = hashlib.sha256(data).hexdigest()
-    match = _ENCRYPTED_PEM.match(data)
-    if match:
-        try:
-            base64.b64decode(match.group(1), validate=False)
-        except binascii.Error:
-            return KeyFacts(problem="unusable: broken PEM", sha256=digest)
+    if _ENCRYPTED_PEM.match(data):
         return KeyFacts(problem=None, sha256=digest)
     if pki.PLAINTEXT_KEY.search(data):
         return KeyFacts(problem="not encrypted", sha256=digest)
@@ -55,16 +52,32 @@ def _problem(exc: Exception) -> str:
 
 
 class _Observer:
-    def __init__(self, store: StateDir) -> None:
+    def __init__(self, store: StateDir, listing: Listing) -> None:
         self.store = store
         self.plaintext: list[str] = []
+        self.modes: dict[str, int] = dict(listing.modes)
+        self.mode_wanted = {
+            f"{directory}/{file}"
+            for directory, files in listing.leaf_files.items()
+            for file in files
+            if file.endswith(".crt")
+        }
+        self.ca_subject: Subject = ()
 
     def read(self, relative: str) -> bytes | None:
         """Read a file that must not hold a private key, noting it when it does."""
-        data = self.store.read(self.store.root / relative)
-        if data is not None and pki.PLAINTEXT_KEY.search(data):
+        data, mode = self.store.read_relative(relative)
+        if mode is not None and relative in self.mode_wanted:
+            self.modes[relative] = mode
+        if data is not None and b"PRIVATE KEY" in data and pki.PLAINTEXT_KEY.search(data):
             self.plaintext.append(relative)
         return data
+
+    def read_key(self, relative: str) -> KeyFacts:
+        data, mode = self.store.read_relative(relative)
+        if mode is not None:
+            self.modes[relative] = mode
+        return key_facts(data)
 
     def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
         key = key_facts(self.store.read(self.store.ca_key))
@@ -87,13 +100,38 @@ class _Observer:
                 None,
             )
         ca = ObservedCA(cert=facts, cert_problem=None, key=key, key_id=pki.subject_key_id(cert))
+        self.ca_subject = facts.subject
         return ca, cert
 
-    def leaf(self, kind: CertKind, name: str, ca_cert: x509.Certificate | None) -> ObservedLeaf:
-        key = key_facts(self.store.read(self.store.leaf_key(kind, name)))
-        data = self.read(f"{kind.directory}/{name}.crt")
+    def leaf(
+        self,
+        kind: CertKind,
+        name: str,
+        ca_cert: x509.Certificate | None,
+        known: Mapping[str, LedgerEntry],
+    ) -> ObservedLeaf:
+        directory = kind.directory
+        key = self.read_key(f"{directory}/{name}.key")
+        relative = f"{directory}/{name}.crt"
+        data = self.read(relative)
         if data is None:
             return ObservedLeaf(kind=kind, name=name, cert=None, cert_problem="missing", key=key)
+        # A certificate the CA-signed ledger records by fingerprint was checked when it was
+        # issued: its facts come from the ledger, without parsing or verifying it again.
+        entry = known.get(pki.pem_fingerprint(data) or "")
+        if (
+            entry is not None
+            and entry.subject is not None
+            and entry.kind is kind
+            and (entry.name == name)
+        ):
+            return ObservedLeaf(
+                kind=kind,
+                name=name,
+                cert=_facts_from(entry, self.ca_subject),
+                cert_problem=None,
+                key=key,
+            )
         try:
             facts = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
         except ValueError as exc:
@@ -137,7 +175,7 @@ class _Observer:
         )
 
     def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:
-        data = self.store.read(self.store.root / relative) or b""
+        data = self.store.read_relative(relative)[0] or b""
         directory, _, file = relative.rpartition("/")
         target = file[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
         kind = next((k for k in CertKind if k.directory == directory), None)
@@ -153,17 +191,28 @@ class _Observer:
         return TempFile(path=relative, cert=cert, kind=kind, name=name)
 
 
+def _facts_from(entry: LedgerEntry, issuer: Subject) -> CertFacts:
+    assert entry.subject is not None
+    return CertFacts(
+        serial=entry.serial,
+        subject=entry.subject,
+        issuer=issuer,
+        dns=entry.dns,
+        ips=entry.ips,
+        key=entry.key,
+        not_before=entry.not_before,
+        not_after=entry.not_after,
+        fingerprint=entry.fingerprint,
+        signed_by_ca=True,
+        is_ca=False,
+    )
+
+
 def observe(store: StateDir) -> Observed:
     """Everything plan() needs to know about the state directory, read once."""
     listing: Listing = store.scan()
-    observer = _Observer(store)
+    observer = _Observer(store, listing)
     ca, ca_cert = observer.ca()
-    leaves = tuple(
-        observer.leaf(kind, name, ca_cert)
-        for kind in CertKind
-        for name in store.leaf_names(kind, listing)
-    )
-    crl = observer.crl(ca_cert)
     verify = None
     if ca_cert is not None:
         public_key = ca_cert.public_key()
@@ -172,6 +221,13 @@ def observe(store: StateDir) -> Observed:
             return pki.verify(public_key, data, signature)
 
     ledger = store.load_ledger(verify)
+    known = {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
+    leaves = tuple(
+        observer.leaf(kind, name, ca_cert, known)
+        for kind in CertKind
+        for name in store.leaf_names(kind, listing)
+    )
+    crl = observer.crl(ca_cert)
     temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
     for relative in [*listing.other_files, "users.yaml"]:
         observer.read(relative)
@@ -181,7 +237,7 @@ def observe(store: StateDir) -> Observed:
         crl=crl,
         leaves=leaves,
         ledger=ledger,
-        modes=tuple(sorted(listing.modes.items())),
+        modes=tuple(sorted(observer.modes.items())),
         temp_files=temp_files,
         plaintext_keys=tuple(sorted(set(observer.plaintext))),
         ca_key_sha256=hashlib.sha256(ca_key).hexdigest() if ca_key is not None else None,

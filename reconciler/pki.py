@@ -5,6 +5,8 @@ Validity, serials and every other value come in as arguments: nothing here reads
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import re
@@ -283,6 +285,24 @@ def pem(item: x509.Certificate | x509.CertificateRevocationList) -> bytes:
 def load_certificates(data: bytes) -> list[x509.Certificate]:
     """Every certificate in a PEM file; ValueError when there is none or one is broken."""
     return x509.load_pem_x509_certificates(data)
+
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+def pem_fingerprint(data: bytes) -> str | None:
+    """SHA-256 of the DER of the first certificate in PEM data, without parsing it: the key
+    under which the ledger records a certificate it has already checked."""
+    start = data.find(_PEM_BEGIN)
+    end = data.find(_PEM_END, start)
+    if start < 0 or end < 0:
+        return None
+    try:
+        der = base64.b64decode(data[start + len(_PEM_BEGIN) : end])
+    except (binascii.Error, ValueError):
+        return None
+    return hashlib.sha256(der).hexdigest()
 
 
 def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:

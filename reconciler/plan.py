@@ -47,7 +47,7 @@ def _dn(subject: Subject) -> str:
 
 
 def _day(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d")
+    return moment.date().isoformat()  # not strftime: this runs twice per certificate
 
 
 def _short(serial: int) -> str:
@@ -76,13 +76,15 @@ class _Context:
             observed.ca.cert.not_after if observed.ca.cert is not None else None
         )
 
-    def issuance(self, spec: LeafSpec) -> tuple[Issuance, str | None]:
+    def issuance(self, spec: LeafSpec) -> tuple[Issuance, tuple[str, ...]]:
+        """What to issue for spec now, and a note when the CA's expiry shortens it."""
         not_after = self.start + spec.validity
-        note = None
+        notes: tuple[str, ...] = ()
         if self.ca_not_after is not None and not_after > self.ca_not_after:
             not_after = self.ca_not_after
-            note = f"shortened to end with the CA on {_day(not_after)}"
-        return Issuance(spec=spec, not_before=self.start - BACKDATE, not_after=not_after), note
+            notes = (f"shortened to end with the CA on {_day(not_after)}",)
+        issuance = Issuance(spec=spec, not_before=self.start - BACKDATE, not_after=not_after)
+        return issuance, notes
 
 
 # --------------------------------------------------------------------------- CA
@@ -254,8 +256,6 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     current = leaf.cert if leaf is not None else None
     serial = current.serial if current is not None else None
     supersede = tuple(e.serial for e in entries if e.status is CertStatus.VALID)
-    issuance, note = ctx.issuance(spec)
-    notes = (note,) if note else ()
 
     # Every still-valid certificate of another generation is revoked, whatever else happens:
     # a generation bump is a promise that the old keys stop working, and it must survive an
@@ -279,6 +279,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
 
     problems = _issue_problems(ctx, leaf)
     if problems:
+        issuance, notes = ctx.issuance(spec)
         adopt = _adoptable(ctx, leaf)
         return Action(
             kind=ActionKind.ISSUE,
@@ -294,6 +295,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     assert current is not None
     changes, generation_changed = _spec_changes(ctx, spec, leaf)
     if changes:
+        issuance, notes = ctx.issuance(spec)
         revoke: tuple[Revocation, ...] = old_generation
         if generation_changed:
             revoke = tuple(
@@ -333,6 +335,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
             f"expires {_day(current.not_after)}, inside the {describe_duration(window)} "
             f"renewal window{share}"
         )
+    issuance, notes = ctx.issuance(spec)
     if issuance.not_after <= current.not_after:
         return Action(
             kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
@@ -411,6 +414,9 @@ def _adopted_entry(cert: CertFacts, kind: CertKind, name: str, key_sha256: str) 
         generation=0,
         fingerprint=cert.fingerprint,
         key_sha256=key_sha256,
+        subject=cert.subject,
+        dns=cert.dns,
+        ips=cert.ips,
     )
 
 
