@@ -145,11 +145,9 @@ class Desired:
     crl: CRLSpec
     leaves: tuple[LeafSpec, ...]
 
-    def leaf(self, kind: CertKind, name: str) -> LeafSpec | None:
-        for spec in self.leaves:
-            if spec.kind is kind and spec.name == name:
-                return spec
-        return None
+    def by_ref(self) -> Mapping[str, LeafSpec]:
+        """Every leaf by "kind/name", for lookups in loops (a scan per lookup is quadratic)."""
+        return {spec.ref: spec for spec in self.leaves}
 
 
 # --------------------------------------------------------------------------- observed state

@@ -572,7 +572,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         )
     actions = [_plan_ca(ctx, blockers)]
     leaves = {leaf.ref: leaf for leaf in observed.leaves}
-    specs = {spec.ref: spec for spec in desired.leaves}
+    specs = desired.by_ref()
     for ref in sorted(set(specs) | set(_observed_refs(ctx)), key=_sort_key):
         spec = specs.get(ref)
         actions.append(

@@ -98,9 +98,10 @@ def status_rows(desired: Desired | None, observed: Observed, now: datetime) -> l
         rows.append(row)
 
     ledger = observed.ledger.by_serial()
+    specs = desired.by_ref() if desired is not None else {}
     on_disk: set[int] = set()
     for leaf in observed.leaves:
-        spec = desired.leaf(leaf.kind, leaf.name) if desired is not None else None
+        spec = specs.get(leaf.ref)
         renew: RenewBefore = spec.renew_before if spec is not None else DEFAULT_RENEW_BEFORE
         if leaf.cert is None:
             rows.append(

@@ -64,6 +64,7 @@ class StateDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = os.fspath(root) + os.sep  # for read_relative's hot loop
 
     @property
     def users_yaml(self) -> Path:
@@ -158,7 +159,7 @@ class StateDir:
         """A file relative to the state directory and its permission bits, in one open and one
         fstat (the hot loop of observe); (None, None) when it does not exist."""
         try:
-            fd = os.open(os.path.join(self.root, relative), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._prefix + relative, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, OSError):
             return None, None
         try:

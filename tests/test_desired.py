@@ -272,8 +272,7 @@ def test_shipped_users_yaml_reproduces_the_team_setup() -> None:
         assert dict(leaf.subject)["CN"] == leaf.name
         assert {k: v for k, v in leaf.subject if k != "CN"} == ca_subject
     assert servers[0].dns == ("acme-vbepr-v01a.acme.corp.com",)
-    cmdb = desired.leaf(CertKind.CLIENT, "cmdb")
-    assert cmdb is not None
+    cmdb = desired.by_ref()["client/cmdb"]
     assert cmdb.hba == (HbaRule(database="cmdbvm", address="10.0.6.188/32"),)
     assert all(leaf.hba == () for leaf in clients if leaf.name != "cmdb")
 
