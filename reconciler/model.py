@@ -122,12 +122,12 @@ class LeafSpec:
 
     @property
     def ref(self) -> str:
-        return f"{self.kind.value}/{self.name}"
+        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
 
     def spec_hash(self) -> str:
         """Hash of what the certificate's content depends on (not its validity or window)."""
         identity = {
-            "kind": self.kind.value,
+            "kind": str(self.kind),
             "name": self.name,
             "key": self.key.value,
             "subject": [list(pair) for pair in self.subject],
@@ -192,7 +192,7 @@ class ObservedLeaf:
 
     @property
     def ref(self) -> str:
-        return f"{self.kind.value}/{self.name}"
+        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -235,7 +235,7 @@ class LedgerEntry:
 
     @property
     def ref(self) -> str:
-        return f"{self.kind.value}/{self.name}"
+        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -326,9 +326,9 @@ def decode_ledger(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
 def _subject(value: object) -> tuple[tuple[str, str], ...] | None:
     if value is None:
         return None
-    if not isinstance(value, list):
-        raise ValueError("subject is not a list")
-    return tuple((str(attr), str(text)) for attr, text in value)
+    if not isinstance(value, list) or any(len(pair) != 2 for pair in value):
+        raise ValueError("subject is not a list of [attribute, value] pairs")
+    return tuple(map(tuple, value))
 
 
 _KINDS = {kind.value: kind for kind in CertKind}
