@@ -6,10 +6,14 @@ then the removal of files of revoked names, so a revocation is recorded before e
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Iterable
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +27,7 @@ from reconciler.model import (
     CertKind,
     CertStatus,
     Issuance,
+    LeafSpec,
     Ledger,
     LedgerEntry,
     Observed,
@@ -230,11 +235,12 @@ def _sign_and_record(
     new_entries: list[LedgerEntry] = []
     issued: list[tuple[str, int]] = []
     bar = progress(len(issuing), "issuing") if progress is not None and issuing else None
+    specs = [action.issue.spec for action in issuing if action.issue is not None]
     try:
-        for action in issuing:
+        for action, key in zip(issuing, _new_keys(specs), strict=True):
             assert action.issue is not None
             assert key_passphrase is not None
-            entry = _issue(action.issue, writer, ca_cert, ca_key, key_passphrase, taken)
+            entry = _issue(action.issue, key, writer, ca_cert, ca_key, key_passphrase, taken)
             new_entries.append(entry)
             issued.append((action.subject, entry.serial))
             if bar is not None:
@@ -289,8 +295,29 @@ class _Writer:
             self.changed.append(self.store.relative(path))
 
 
+RSA_IN_PARALLEL = 2
+"""From this many new RSA keys on, keys are generated in worker processes, one per core:
+cryptography holds the GIL while it searches for primes, so threads would not help."""
+
+
+def _new_keys(specs: list[LeafSpec]) -> Iterator[pki.PrivateKey]:
+    """A new key for each spec, in order; RSA keys in parallel when there are several."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    rsa_keys = sum(1 for spec in specs if spec.key.is_rsa)
+    if cores < 2 or rsa_keys < RSA_IN_PARALLEL:
+        yield from (pki.generate_key(spec.key) for spec in specs)
+        return
+    # forkserver: workers start from a clean process, never from a fork of one whose other
+    # threads might hold a lock (OpenSSL's, or a caller's)
+    context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=cores, mp_context=context) as pool:
+        ders = pool.map(pki.generate_key_der, [spec.key.value for spec in specs], chunksize=1)
+        yield from (pki.load_key_der(der) for der in ders)
+
+
 def _issue(
     issuance: Issuance,
+    key: pki.PrivateKey,
     writer: _Writer,
     ca_cert: x509.Certificate,
     ca_key: pki.PrivateKey,
@@ -298,7 +325,6 @@ def _issue(
     taken: set[int],
 ) -> LedgerEntry:
     spec = issuance.spec
-    key = pki.generate_key(spec.key)
     serial = _unique_serial(taken)
     cert = pki.build_leaf_certificate(
         spec,

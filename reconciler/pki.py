@@ -63,6 +63,26 @@ def generate_key(key_type: KeyType) -> PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
+def generate_key_der(key_type: str) -> bytes:
+    """A new key as unencrypted PKCS#8 DER: what a worker process hands back to apply (over a
+    pipe between our own processes, never to disk)."""
+    key = generate_key(KeyType(key_type))
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_key_der(der: bytes) -> PrivateKey:
+    key = serialization.load_der_private_key(der, password=None)
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise TypeError(f"unsupported key type {type(key).__name__}")
+    return key
+
+
 def describe_key(public_key: object) -> str:
     """The KeyType value of a public key, or a plain description of an unsupported one."""
     if isinstance(public_key, rsa.RSAPublicKey):
