@@ -9,7 +9,7 @@ WARN_DAYS       ?= 7
 PROMETHEUS_FILE ?=
 PROMETHEUS      := $(if $(PROMETHEUS_FILE),--prometheus $(PROMETHEUS_FILE))
 
-.PHONY: reconcile plan validate status renew test lint clean
+.PHONY: reconcile plan validate status renew test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,12 @@ test: $(VENV)/.dev ## the test suite
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.dev ## ruff and mypy --strict
-	$(BIN)/ruff check reconciler tests
-	$(BIN)/ruff format --check reconciler tests
+	$(BIN)/ruff check reconciler tests bench
+	$(BIN)/ruff format --check reconciler tests bench
 	$(BIN)/mypy
+
+bench: $(VENV)/.dev ## benchmarks of issue 6 (not part of test); ARGS="--quick" or "--with-100k"
+	$(BIN)/python bench/bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
