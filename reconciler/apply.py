@@ -6,11 +6,9 @@ then the removal of files of revoked names, so a revocation is recorded before e
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -309,6 +307,9 @@ def _new_keys(specs: list[LeafSpec]) -> Iterator[pki.PrivateKey]:
         return
     # forkserver: workers start from a clean process, never from a fork of one whose other
     # threads might hold a lock (OpenSSL's, or a caller's)
+    import concurrent.futures  # only when several RSA keys are due: not at every start-up
+    import multiprocessing
+
     context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=cores, mp_context=context) as pool:
         ders = pool.map(pki.generate_key_der, [spec.key.value for spec in specs], chunksize=1)

@@ -39,7 +39,7 @@ BACKDATE = timedelta(minutes=5)
 """not_before and a CRL's thisUpdate lie this far before now, so a PostgreSQL server whose clock
 is a little behind accepts a fresh certificate and CRL (a CRL not yet valid locks out all)."""
 
-_KIND_ORDER = {CertKind.CLIENT: 0, CertKind.SERVER: 1}
+_KIND_ORDER: dict[str, int] = {CertKind.CLIENT: 0, CertKind.SERVER: 1}  # StrEnum keys
 
 
 def _dn(subject: Subject) -> str:
@@ -543,7 +543,7 @@ def _plan_crl(ctx: _Context, actions: Sequence[Action]) -> Action:
 
 def _sort_key(ref: str) -> tuple[int, str]:
     kind, _, name = ref.partition("/")
-    return _KIND_ORDER[CertKind(kind)], name
+    return _KIND_ORDER[kind], name  # a StrEnum hashes as its value: no enum lookup per name
 
 
 def _observed_refs(ctx: _Context) -> Iterable[str]:

@@ -163,11 +163,14 @@ class StateDir:
         except (FileNotFoundError, OSError):
             return None, None
         try:
-            size_and_mode = os.fstat(fd)
-            chunks = [os.read(fd, size_and_mode.st_size + 1)]
-            while chunks[-1]:
-                chunks.append(os.read(fd, 65536))
-            return b"".join(chunks), size_and_mode.st_mode & 0o7777
+            stat = os.fstat(fd)
+            data = os.read(fd, stat.st_size + 1)
+            if len(data) > stat.st_size:  # it grew since fstat: read the rest
+                chunks = [data]
+                while chunks[-1]:
+                    chunks.append(os.read(fd, 65536))
+                data = b"".join(chunks)
+            return data, stat.st_mode & 0o7777
         finally:
             os.close(fd)
 
