@@ -198,7 +198,7 @@ def _sign_and_record(
     ca_action = next((action.ca for action in changes if action.ca is not None), None)
     if ca_action is None:
         ca_cert, ca_key = _unlock_ca(store, ca_passphrase)
-        ca_key_sha256 = observed.ca_key_sha256 or ""
+        ca_key_sha256 = observed.ca.key.sha256 or ""
         if issuing and key_passphrase is not None:
             _check_key_passphrase(observed, store, key_passphrase)
     else:

@@ -200,7 +200,6 @@ class ObservedCA:
     cert: CertFacts | None
     cert_problem: str | None  # "missing" or "unusable: …"
     key: KeyFacts
-    key_id: bytes | None  # subject key identifier
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -270,7 +269,6 @@ class Observed:
     modes: tuple[tuple[str, int], ...] = ()  # managed path (relative) → permission bits
     temp_files: tuple[TempFile, ...] = ()
     plaintext_keys: tuple[str, ...] = ()  # files (relative) holding an unencrypted private key
-    ca_key_sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- plan

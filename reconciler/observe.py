@@ -83,23 +83,22 @@ class _Observer:
         key = key_facts(self.store.read(self.store.ca_key))
         data = self.read("ca/ca.crt")
         if data is None:
-            return ObservedCA(cert=None, cert_problem="missing", key=key, key_id=None), None
+            return ObservedCA(cert=None, cert_problem="missing", key=key), None
         try:
             cert = pki.load_certificates(data)[0]
             facts = pki.certificate_facts(cert, cert)
         except ValueError as exc:
-            return ObservedCA(cert=None, cert_problem=_problem(exc), key=key, key_id=None), None
+            return ObservedCA(cert=None, cert_problem=_problem(exc), key=key), None
         if not facts.is_ca or not facts.signed_by_ca:
             return (
                 ObservedCA(
                     cert=facts,
                     cert_problem="not a self-signed CA certificate",
                     key=key,
-                    key_id=None,
                 ),
                 None,
             )
-        ca = ObservedCA(cert=facts, cert_problem=None, key=key, key_id=pki.subject_key_id(cert))
+        ca = ObservedCA(cert=facts, cert_problem=None, key=key)
         self.ca_subject = facts.subject
         return ca, cert
 
@@ -231,7 +230,6 @@ def observe(store: StateDir) -> Observed:
     temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
     for relative in [*listing.other_files, "users.yaml"]:
         observer.read(relative)
-    ca_key = store.read(store.ca_key)
     return Observed(
         ca=ca,
         crl=crl,
@@ -240,5 +238,4 @@ def observe(store: StateDir) -> Observed:
         modes=tuple(sorted(observer.modes.items())),
         temp_files=temp_files,
         plaintext_keys=tuple(sorted(set(observer.plaintext))),
-        ca_key_sha256=hashlib.sha256(ca_key).hexdigest() if ca_key is not None else None,
     )

@@ -359,10 +359,3 @@ def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) 
         signed_by_ca=ca_cert is not None and issued_by(cert, ca_cert),
         is_ca=is_ca,
     )
-
-
-def subject_key_id(cert: x509.Certificate) -> bytes | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        return None

@@ -155,8 +155,8 @@ def _plan_ca(ctx: _Context, blockers: list[str]) -> Action:
         )
     elif (
         ledger.ca_key_sha256 is not None
-        and ctx.observed.ca_key_sha256 is not None
-        and ledger.ca_key_sha256 != ctx.observed.ca_key_sha256
+        and ca.key.sha256 is not None
+        and ledger.ca_key_sha256 != ca.key.sha256
     ):
         blockers.append(
             "ca/ca.key is not the key file this state was issued with: restore it from git "
