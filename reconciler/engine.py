@@ -13,7 +13,7 @@ from reconciler import render
 from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import ActionKind, Desired, Observed, Plan
-from reconciler.observe import observe
+from reconciler.observe import Reading
 from reconciler.plan import plan as make_plan
 from reconciler.report import StatusRow, status_rows
 from reconciler.secrets import Passphrase, SecretSources, Which
@@ -44,8 +44,9 @@ def validate(state_dir: Path) -> Desired:
 
 def snapshot(state_dir: Path) -> Snapshot:
     store = StateDir(state_dir)
-    desired = load_desired(store.users_yaml, display=str(store.users_yaml))
-    return Snapshot(store=store, desired=desired, observed=observe(store))
+    with Reading(store) as reading:  # reads the key and certificate files meanwhile
+        desired = load_desired(store.users_yaml, display=str(store.users_yaml))
+        return Snapshot(store=store, desired=desired, observed=reading.observe())
 
 
 def plan_state(state_dir: Path, now: datetime) -> Plan:
@@ -185,9 +186,11 @@ def _run_locked(
     environ: Mapping[str, str] | None,
     progress: apply_stage.ProgressFactory | None,
 ) -> RunReport:
+    if not commit:  # GitPython costs a tenth of a second to import: only when committing
+        return RunReport(applied=reconcile(state_dir, now, sources, progress))
     from reconciler import record as record_stage
 
-    repo = record_stage.find_repo(state_dir, environ) if commit else None
+    repo = record_stage.find_repo(state_dir, environ)
     if repo is not None:
         record_stage.clear_stale_locks(repo)
     if not push:

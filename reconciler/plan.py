@@ -26,6 +26,7 @@ from reconciler.model import (
     Observed,
     ObservedLeaf,
     Plan,
+    RenewBefore,
     Revocation,
     RevocationReason,
     Subject,
@@ -71,6 +72,8 @@ class _Context:
         for entry in observed.ledger.entries:
             self.entries[entry.ref].append(entry)
         self.by_serial = observed.ledger.by_serial()
+        self._windows: dict[tuple[RenewBefore, datetime, datetime], timedelta] = {}
+        self.reasons: dict[tuple[datetime, datetime], tuple[str, ...]] = {}
         self.new_ca = False
         self.ca_not_after: datetime | None = (
             observed.ca.cert.not_after if observed.ca.cert is not None else None
@@ -85,6 +88,16 @@ class _Context:
             notes = (f"shortened to end with the CA on {_day(not_after)}",)
         issuance = Issuance(spec=spec, not_before=self.start - BACKDATE, not_after=not_after)
         return issuance, notes
+
+    def window(
+        self, renew_before: RenewBefore, not_before: datetime, not_after: datetime
+    ) -> timedelta:
+        """The renewal window of a certificate, computed once per distinct lifetime and setting."""
+        key = (renew_before, not_before, not_after)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = renew_before.window(not_after - not_before)
+        return window
 
 
 # --------------------------------------------------------------------------- CA
@@ -212,7 +225,7 @@ def _issue_problems(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
         reasons.append(
             f"certificate differs from the ledger's record of serial {_short(cert.serial)}"
         )
-    elif entry.ref != leaf.ref:
+    elif entry.name != leaf.name or entry.kind is not leaf.kind:
         reasons.append(f"serial {_short(cert.serial)} was issued to {entry.ref}")
     else:
         if leaf.key.problem is None and entry.key_sha256 != leaf.key.sha256:
@@ -232,11 +245,11 @@ def _spec_changes(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf) -> tuple[li
         reasons.append(f"subject changed: {_dn(cert.subject)} → {_dn(spec.subject)}")
     if cert.key != spec.key.value:
         reasons.append(f"key type changed: {cert.key} → {spec.key}")
-    if {d.lower() for d in cert.dns} != set(spec.dns):
+    if (cert.dns or spec.dns) and {d.lower() for d in cert.dns} != set(spec.dns):
         reasons.append(
             f"DNS names changed: {', '.join(cert.dns) or 'none'} → {', '.join(spec.dns) or 'none'}"
         )
-    if set(cert.ips) != set(spec.ips):
+    if (cert.ips or spec.ips) and set(cert.ips) != set(spec.ips):
         reasons.append(
             f"IP addresses changed: {', '.join(cert.ips) or 'none'} → "
             f"{', '.join(spec.ips) or 'none'}"
@@ -251,20 +264,22 @@ def _spec_changes(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf) -> tuple[li
     return reasons, generation_changed
 
 
-def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
-    entries = ctx.entries.get(spec.ref, [])
+def _plan_leaf(ctx: _Context, ref: str, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
+    entries = ctx.entries.get(ref, ())
     current = leaf.cert if leaf is not None else None
     serial = current.serial if current is not None else None
-    supersede = tuple(e.serial for e in entries if e.status is CertStatus.VALID)
 
     # Every still-valid certificate of another generation is revoked, whatever else happens:
     # a generation bump is a promise that the old keys stop working, and it must survive an
     # apply that was interrupted after the new certificate reached the disk.
-    old_generation = tuple(
-        Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED)
-        for e in entries
-        if _live(e, ctx.now) and e.generation not in (0, spec.generation)
-    )
+    supersede_list: list[int] = []
+    old_list: list[Revocation] = []
+    for e in entries:
+        if _live(e, ctx.now) and e.generation not in (0, spec.generation):
+            old_list.append(Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED))
+        elif e.status is CertStatus.VALID:
+            supersede_list.append(e.serial)
+    supersede, old_generation = tuple(supersede_list), tuple(old_list)
     old_reason = (
         (
             f"generation is {spec.generation}: revoke the older generation's serial"
@@ -274,8 +289,6 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
         if old_generation
         else ()
     )
-    revoked_serials = {r.serial for r in old_generation}
-    supersede = tuple(s for s in supersede if s not in revoked_serials)
 
     problems = _issue_problems(ctx, leaf)
     if problems:
@@ -283,7 +296,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
         adopt = _adoptable(ctx, leaf)
         return Action(
             kind=ActionKind.ISSUE,
-            subject=spec.ref,
+            subject=ref,
             reasons=(*problems, *old_reason, *notes),
             serial=serial,
             issue=issuance,
@@ -306,7 +319,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
             supersede = tuple(s for s in supersede if s not in {r.serial for r in revoke})
         return Action(
             kind=ActionKind.REISSUE,
-            subject=spec.ref,
+            subject=ref,
             reasons=(*changes, *notes),
             serial=serial,
             issue=issuance,
@@ -314,17 +327,20 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
             revoke=revoke,
         )
 
-    window = spec.renew_before.window(current.lifetime)
+    window = ctx.window(spec.renew_before, current.not_before, current.not_after)
     renew_from = current.not_after - window
     if ctx.now < renew_from:
+        # the common case of a no-op: certificates issued together share their reason text
+        reasons = ctx.reasons.get((current.not_after, renew_from))
+        if reasons is None:
+            reasons = ctx.reasons[(current.not_after, renew_from)] = (
+                f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",
+            )
         return Action(
             kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
-            subject=spec.ref,
+            subject=ref,
             serial=serial,
-            reasons=(
-                f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",
-                *old_reason,
-            ),
+            reasons=(*reasons, *old_reason) if old_reason else reasons,
             revoke=old_generation,
         )
     if ctx.now >= current.not_after:
@@ -339,7 +355,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     if issuance.not_after <= current.not_after:
         return Action(
             kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
-            subject=spec.ref,
+            subject=ref,
             serial=serial,
             reasons=(
                 why,
@@ -351,7 +367,7 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
         )
     return Action(
         kind=ActionKind.RENEW,
-        subject=spec.ref,
+        subject=ref,
         serial=serial,
         issue=issuance,
         supersede=supersede,
@@ -576,7 +592,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     for ref in sorted(set(specs) | set(_observed_refs(ctx)), key=_sort_key):
         spec = specs.get(ref)
         actions.append(
-            _plan_leaf(ctx, spec, leaves.get(ref))
+            _plan_leaf(ctx, ref, spec, leaves.get(ref))
             if spec is not None
             else _plan_removal(ctx, ref, leaves.get(ref))
         )

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from reconciler.model import (
     CertKind,
@@ -164,16 +163,36 @@ class StateDir:
         except (FileNotFoundError, OSError):
             return None, None
         try:
-            stat = os.fstat(fd)
-            data = os.read(fd, stat.st_size + 1)
-            if len(data) > stat.st_size:  # it grew since fstat: read the rest
-                chunks = [data]
-                while chunks[-1]:
-                    chunks.append(os.read(fd, 65536))
-                data = b"".join(chunks)
-            return data, stat.st_mode & 0o7777
+            return _read_fd(fd)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def reader(self, directory: str) -> Iterator[Callable[[str], tuple[bytes | None, int | None]]]:
+        """read(file) for many files of one directory: each file is opened relative to the
+        directory's descriptor (no path walk per file), read in one call when its size is
+        known, and its permission bits come from the same fstat; (None, None) when absent."""
+        try:
+            dir_fd = os.open(self._prefix + directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            yield lambda file: (None, None)
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW
+
+        def read(file: str) -> tuple[bytes | None, int | None]:
+            try:
+                fd = os.open(file, flags, dir_fd=dir_fd)
+            except OSError:
+                return None, None
+            try:
+                return _read_fd(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            yield read
+        finally:
+            os.close(dir_fd)
 
     # ------------------------------------------------------------------ writing
 
@@ -209,6 +228,18 @@ class StateDir:
             return ledger
         ok = signature is not None and verify(signed, signature)
         return dataclasses.replace(ledger, signature_ok=ok)
+
+
+def _read_fd(fd: int) -> tuple[bytes, int]:
+    """All of an open file, and its permission bits, in one fstat and (usually) one read."""
+    stat = os.fstat(fd)
+    data = os.read(fd, stat.st_size + 1)
+    if len(data) > stat.st_size:  # it grew since fstat: read the rest
+        chunks = [data]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+        data = b"".join(chunks)
+    return data, stat.st_mode & 0o7777
 
 
 def _make_dirs(directory: Path) -> None:
@@ -343,42 +374,50 @@ _REASONS = {reason.value: reason for reason in RevocationReason}
 def _decode_lines(lines: list[str]) -> Iterator[LedgerEntry]:
     # one line at a time: each parsed dict is freed before the next, which keeps the peak
     # memory of a 100,000-entry ledger at the entries themselves
-    def records() -> Iterator[tuple[int, dict[str, Any]]]:
-        for number, line in enumerate(lines[1:], start=2):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise ValueError(f"line {number}: {exc}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"line {number}: not a JSON object")
-                yield number, record
-
     seen: set[int] = set()
-    parse_time = _parse_time
-    for number, record in records():
+    # certificates issued by one apply share their times: parse each distinct one once
+    times: dict[str, datetime] = {}
+
+    def moment(text: str) -> datetime:
+        parsed = times.get(text)
+        if parsed is None:
+            parsed = times[text] = _parse_time(text)
+        return parsed
+
+    loads = json.loads
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            record = loads(line)
+        except ValueError as exc:
+            if not line.strip():
+                continue
+            raise ValueError(f"line {number}: {exc}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number}: not a JSON object")
         try:
             serial = int(record["serial"], 16)
             revoked_at = record.get("revoked_at")
             reason = record.get("reason")
             subject = record.get("subject")
+            dns = record.get("dns")
+            ips = record.get("ips")
             entry = LedgerEntry(
                 serial=serial,
                 kind=_KINDS[record["kind"]],
                 name=str(record["name"]),
                 status=_STATUSES[record["status"]],
-                not_before=parse_time(record["not_before"]),
-                not_after=parse_time(record["not_after"]),
+                not_before=moment(record["not_before"]),
+                not_after=moment(record["not_after"]),
                 key=str(record["key"]),
                 generation=int(record["generation"]),
                 spec=str(record["spec"]),
                 fingerprint=str(record["fingerprint"]),
                 key_sha256=str(record["key_sha256"]),
-                revoked_at=parse_time(revoked_at) if revoked_at else None,
+                revoked_at=moment(revoked_at) if revoked_at else None,
                 reason=_REASONS[reason] if reason else None,
                 subject=_subject(subject) if subject is not None else None,
-                dns=tuple(map(str, record.get("dns", ()))),
-                ips=tuple(map(str, record.get("ips", ()))),
+                dns=tuple(map(str, dns)) if dns else (),
+                ips=tuple(map(str, ips)) if ips else (),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None
