@@ -8,9 +8,14 @@ ledger's CA signature verifies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import pickle
 import re
-from collections.abc import Mapping
+import signal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Generic, TypeVar
 
 from cryptography import x509
 
@@ -29,21 +34,71 @@ from reconciler.model import (
 )
 from reconciler.store import TEMP_PREFIX, TEMP_SUFFIX, Listing, StateDir
 
+T = TypeVar("T")
+
 _ENCRYPTED_PEM = re.compile(
     rb"\A\s*-----BEGIN ENCRYPTED PRIVATE KEY-----\r?\n([A-Za-z0-9+/=\r\n]+)"
     rb"-----END ENCRYPTED PRIVATE KEY-----\s*\Z"
 )
 
 
-def key_facts(data: bytes | None) -> KeyFacts:
+_KEY_BEGIN = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"
+_KEY_END = b"-----END ENCRYPTED PRIVATE KEY-----\n"
+_BASE64_LINES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n"
+
+
+def _canonical_encrypted_pem(data: bytes) -> bool:
+    """The PEM this tool writes, checked without a regular expression: the same answer as
+    _ENCRYPTED_PEM for such files, which is what every key file is on a no-op."""
+    body = data[len(_KEY_BEGIN) : -len(_KEY_END)]
+    return (
+        data.startswith(_KEY_BEGIN)
+        and data.endswith(_KEY_END)
+        and len(data) > len(_KEY_BEGIN) + len(_KEY_END)
+        and not body.translate(None, _BASE64_LINES)
+    )
+
+
+def _key_problem(data: bytes | None) -> tuple[str | None, str | None]:
+    """(problem, SHA-256) of a key file's bytes; the problem is None for an encrypted key."""
     if data is None:
-        return KeyFacts(problem="missing", sha256=None)
+        return "missing", None
     digest = hashlib.sha256(data).hexdigest()
-    if _ENCRYPTED_PEM.match(data):
-        return KeyFacts(problem=None, sha256=digest)
+    if _canonical_encrypted_pem(data) or _ENCRYPTED_PEM.match(data):
+        return None, digest
     if pki.PLAINTEXT_KEY.search(data):
-        return KeyFacts(problem="not encrypted", sha256=digest)
-    return KeyFacts(problem="unusable: not an encrypted PKCS#8 PEM key", sha256=digest)
+        return "not encrypted", digest
+    return "unusable: not an encrypted PKCS#8 PEM key", digest
+
+
+def key_facts(data: bytes | None) -> KeyFacts:
+    problem, digest = _key_problem(data)
+    return KeyFacts(problem=problem, sha256=digest)
+
+
+LeafFile = tuple[str, str | None, str | None, int | None, str | None, int | None, bool]
+"""What one name's two files say, as plain values (cheap to send between processes): name, key
+problem, key SHA-256, key mode, certificate fingerprint (None when it holds no PEM certificate),
+certificate mode (None when there is no certificate file), certificate holds a private key."""
+
+
+def read_leaf_files(store: StateDir, directory: str, names: Sequence[str]) -> list[LeafFile]:
+    """Read and hash every name's key and certificate file in one leaf directory."""
+    found: list[LeafFile] = []
+    fingerprint, search = pki.pem_fingerprint, pki.PLAINTEXT_KEY.search
+    with store.reader(directory) as read:
+        for name in names:
+            key_data, key_mode = read(f"{name}.key")
+            key_problem, key_sha256 = _key_problem(key_data)
+            data, mode = read(f"{name}.crt")
+            if data is None:
+                found.append((name, key_problem, key_sha256, key_mode, None, None, False))
+                continue
+            holds_key = b"PRIVATE KEY" in data and search(data) is not None
+            found.append(
+                (name, key_problem, key_sha256, key_mode, fingerprint(data), mode, holds_key)
+            )
+    return found
 
 
 def _problem(exc: Exception) -> str:
@@ -56,28 +111,14 @@ class _Observer:
         self.store = store
         self.plaintext: list[str] = []
         self.modes: dict[str, int] = dict(listing.modes)
-        self.mode_wanted = {
-            f"{directory}/{file}"
-            for directory, files in listing.leaf_files.items()
-            for file in files
-            if file.endswith(".crt")
-        }
         self.ca_subject: Subject = ()
 
     def read(self, relative: str) -> bytes | None:
         """Read a file that must not hold a private key, noting it when it does."""
-        data, mode = self.store.read_relative(relative)
-        if mode is not None and relative in self.mode_wanted:
-            self.modes[relative] = mode
+        data, _ = self.store.read_relative(relative)
         if data is not None and b"PRIVATE KEY" in data and pki.PLAINTEXT_KEY.search(data):
             self.plaintext.append(relative)
         return data
-
-    def read_key(self, relative: str) -> KeyFacts:
-        data, mode = self.store.read_relative(relative)
-        if mode is not None:
-            self.modes[relative] = mode
-        return key_facts(data)
 
     def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
         key = key_facts(self.store.read(self.store.ca_key))
@@ -102,42 +143,49 @@ class _Observer:
         self.ca_subject = facts.subject
         return ca, cert
 
-    def leaf(
+    def leaves(
         self,
         kind: CertKind,
-        name: str,
+        files: list[LeafFile],
         ca_cert: x509.Certificate | None,
         known: Mapping[str, LedgerEntry],
-    ) -> ObservedLeaf:
+    ) -> Iterator[ObservedLeaf]:
+        """Every name of one directory, from what read_leaf_files found: the hot loop of a
+        no-op, so a certificate the ledger knows costs a dictionary lookup."""
         directory = kind.directory
-        key = self.read_key(f"{directory}/{name}.key")
-        relative = f"{directory}/{name}.crt"
-        data = self.read(relative)
-        if data is None:
-            return ObservedLeaf(kind=kind, name=name, cert=None, cert_problem="missing", key=key)
-        # A certificate the CA-signed ledger records by fingerprint was checked when it was
-        # issued: its facts come from the ledger, without parsing or verifying it again.
-        entry = known.get(pki.pem_fingerprint(data) or "")
-        if (
-            entry is not None
-            and entry.subject is not None
-            and entry.kind is kind
-            and (entry.name == name)
-        ):
-            return ObservedLeaf(
-                kind=kind,
-                name=name,
-                cert=_facts_from(entry, self.ca_subject),
-                cert_problem=None,
-                key=key,
-            )
-        try:
-            facts = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
-        except ValueError as exc:
-            return ObservedLeaf(
-                kind=kind, name=name, cert=None, cert_problem=_problem(exc), key=key
-            )
-        return ObservedLeaf(kind=kind, name=name, cert=facts, cert_problem=None, key=key)
+        modes, plaintext, ca_subject = self.modes, self.plaintext, self.ca_subject
+        for name, key_problem, key_sha256, key_mode, fingerprint, mode, holds_key in files:
+            key = KeyFacts(key_problem, key_sha256)
+            if key_mode is not None:
+                modes[f"{directory}/{name}.key"] = key_mode
+            if mode is None:
+                yield ObservedLeaf(kind, name, None, "missing", key)
+                continue
+            relative = f"{directory}/{name}.crt"
+            modes[relative] = mode
+            if holds_key:
+                plaintext.append(relative)
+            # A certificate the CA-signed ledger records by fingerprint was checked when it was
+            # issued: its facts come from the ledger, without parsing or verifying it again.
+            entry = known.get(fingerprint or "")
+            if (
+                entry is not None
+                and entry.subject is not None
+                and entry.kind is kind
+                and entry.name == name
+            ):
+                yield ObservedLeaf(kind, name, _facts_from(entry, ca_subject), None, key)
+                continue
+            data = self.store.read_relative(relative)[0]
+            if data is None:  # deleted since it was read
+                yield ObservedLeaf(kind, name, None, "missing", key)
+                continue
+            try:
+                facts = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
+            except ValueError as exc:
+                yield ObservedLeaf(kind, name, None, _problem(exc), key)
+                continue
+            yield ObservedLeaf(kind, name, facts, None, key)
 
     def crl(self, ca_cert: x509.Certificate | None) -> ObservedCRL:
         data = self.read("ca/crl.pem")
@@ -207,35 +255,137 @@ def _facts_from(entry: LedgerEntry, issuer: Subject) -> CertFacts:
     )
 
 
-def observe(store: StateDir) -> Observed:
+PARALLEL_MIN_NAMES = 1000
+"""From this many names on, and with a second core, a forked child reads the leaf files."""
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class _Forked(Generic[T]):
+    """work() run in a forked child while this process goes on; result() returns its value.
+
+    The child only reads and hashes files and sends plain values back through a pipe. When it
+    cannot be started or fails in any way, result() runs work() here: the answer is the same,
+    only later."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._work = work
+        self._pid: int | None = None
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 1
+            try:
+                os.close(read_fd)
+                view = memoryview(pickle.dumps(work(), protocol=pickle.HIGHEST_PROTOCOL))
+                while view:
+                    view = view[os.write(write_fd, view) :]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self._pid, self._fd = pid, read_fd
+
+    def result(self) -> T:
+        if self._pid is None:
+            return self._work()
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 20):
+            chunks.append(chunk)
+        self._reap()
+        if self._status == 0:
+            with contextlib.suppress(Exception):
+                # our own child, through a pipe only the two of us hold
+                value: T = pickle.loads(b"".join(chunks))  # noqa: S301
+                return value
+        return self._work()
+
+    def cancel(self) -> None:
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self._reap()
+
+    def _reap(self) -> None:
+        assert self._pid is not None
+        os.close(self._fd)
+        _, status = os.waitpid(self._pid, 0)
+        self._status = os.waitstatus_to_exitcode(status)
+        self._pid = None
+
+
+class Reading:
+    """observe() in two steps, so that the caller can parse users.yaml meanwhile: on a machine
+    with more than one core and a large state, a forked child reads and hashes the key and
+    certificate files (most of a no-op's system calls) while this process goes on."""
+
+    def __init__(self, store: StateDir, *, parallel: bool | None = None) -> None:
+        self.store = store
+        self.listing = store.scan()
+        self.names = [(kind, store.leaf_names(kind, self.listing)) for kind in CertKind]
+        if parallel is None:
+            parallel = (
+                sum(len(names) for _, names in self.names) >= PARALLEL_MIN_NAMES and _cores() > 1
+            )
+        self._files: _Forked[list[list[LeafFile]]] | None = (
+            _Forked(self._read_leaf_files) if parallel else None
+        )
+
+    def _read_leaf_files(self) -> list[list[LeafFile]]:
+        return [read_leaf_files(self.store, kind.directory, names) for kind, names in self.names]
+
+    def __enter__(self) -> Reading:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._files is not None:
+            self._files.cancel()
+
+    def observe(self) -> Observed:
+        """Everything plan() needs to know about the state directory, read once."""
+        store, listing = self.store, self.listing
+        observer = _Observer(store, listing)
+        ca, ca_cert = observer.ca()
+        verify = None
+        if ca_cert is not None:
+            public_key = ca_cert.public_key()
+
+            def verify(data: bytes, signature: bytes) -> bool:
+                return pki.verify(public_key, data, signature)
+
+        ledger = store.load_ledger(verify)
+        known = (
+            {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
+        )
+        files = self._files.result() if self._files is not None else self._read_leaf_files()
+        leaves = tuple(
+            leaf
+            for (kind, _), found in zip(self.names, files, strict=True)
+            for leaf in observer.leaves(kind, found, ca_cert, known)
+        )
+        crl = observer.crl(ca_cert)
+        temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
+        for relative in [*listing.other_files, "users.yaml"]:
+            observer.read(relative)
+        return Observed(
+            ca=ca,
+            crl=crl,
+            leaves=leaves,
+            ledger=ledger,
+            modes=tuple(sorted(observer.modes.items())),
+            temp_files=temp_files,
+            plaintext_keys=tuple(sorted(set(observer.plaintext))),
+        )
+
+
+def observe(store: StateDir, *, parallel: bool | None = None) -> Observed:
     """Everything plan() needs to know about the state directory, read once."""
-    listing: Listing = store.scan()
-    observer = _Observer(store, listing)
-    ca, ca_cert = observer.ca()
-    verify = None
-    if ca_cert is not None:
-        public_key = ca_cert.public_key()
-
-        def verify(data: bytes, signature: bytes) -> bool:
-            return pki.verify(public_key, data, signature)
-
-    ledger = store.load_ledger(verify)
-    known = {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
-    leaves = tuple(
-        observer.leaf(kind, name, ca_cert, known)
-        for kind in CertKind
-        for name in store.leaf_names(kind, listing)
-    )
-    crl = observer.crl(ca_cert)
-    temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
-    for relative in [*listing.other_files, "users.yaml"]:
-        observer.read(relative)
-    return Observed(
-        ca=ca,
-        crl=crl,
-        leaves=leaves,
-        ledger=ledger,
-        modes=tuple(sorted(observer.modes.items())),
-        temp_files=temp_files,
-        plaintext_keys=tuple(sorted(set(observer.plaintext))),
-    )
+    with Reading(store, parallel=parallel) as reading:
+        return reading.observe()
