@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from reconciler.model import (
@@ -40,7 +40,10 @@ BACKDATE = timedelta(minutes=5)
 """not_before and a CRL's thisUpdate lie this far before now, so a PostgreSQL server whose clock
 is a little behind accepts a fresh certificate and CRL (a CRL not yet valid locks out all)."""
 
-_KIND_ORDER: dict[str, int] = {CertKind.CLIENT: 0, CertKind.SERVER: 1}  # StrEnum keys
+
+# Looking up an enum member costs more than most of a no-op's per-name work (Python 3.11):
+# the hot loops use these names instead.
+_VALID, _REVOKED, _NOOP = CertStatus.VALID, CertStatus.REVOKED, ActionKind.NOOP
 
 
 def _dn(subject: Subject) -> str:
@@ -57,7 +60,7 @@ def _short(serial: int) -> str:
 
 def _live(entry: LedgerEntry, now: datetime) -> bool:
     """Not revoked and not yet expired: a certificate someone could still use."""
-    return entry.status is not CertStatus.REVOKED and entry.not_after > now
+    return entry.status is not _REVOKED and entry.not_after > now
 
 
 class _Context:
@@ -72,7 +75,7 @@ class _Context:
         for entry in observed.ledger.entries:
             self.entries[entry.ref].append(entry)
         self.by_serial = observed.ledger.by_serial()
-        self._windows: dict[tuple[RenewBefore, datetime, datetime], timedelta] = {}
+        self._windows: dict[tuple[int, datetime, datetime], tuple[RenewBefore, timedelta]] = {}
         self.reasons: dict[tuple[datetime, datetime], tuple[str, ...]] = {}
         self.new_ca = False
         self.ca_not_after: datetime | None = (
@@ -93,11 +96,15 @@ class _Context:
         self, renew_before: RenewBefore, not_before: datetime, not_after: datetime
     ) -> timedelta:
         """The renewal window of a certificate, computed once per distinct lifetime and setting."""
-        key = (renew_before, not_before, not_after)
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = renew_before.window(not_after - not_before)
-        return window
+        # keyed on the setting's identity: hashing its Fraction costs more than the arithmetic
+        key = (id(renew_before), not_before, not_after)
+        cached = self._windows.get(key)
+        if cached is None or cached[0] is not renew_before:
+            cached = self._windows[key] = (
+                renew_before,
+                renew_before.window(not_after - not_before),
+            )
+        return cached[1]
 
 
 # --------------------------------------------------------------------------- CA
@@ -118,12 +125,12 @@ def _bootstrap(ctx: _Context, why: str) -> Action:
 
 def _plan_ca(ctx: _Context, blockers: list[str]) -> Action:
     ca, spec, ledger = ctx.observed.ca, ctx.desired.ca, ctx.observed.ledger
-    live = [entry for entry in ledger.entries if _live(entry, ctx.now)]
     # A first apply writes ca.key, ca.crt, the certificates, the ledger, then the CRL: with no
     # ledger and no CRL, half a CA can only be an interrupted first apply, and nothing it signed
     # was recorded or handed out.
     first_run = ledger.problem == "missing" and ctx.observed.crl.problem == "missing"
     if ca.cert is None and ca.cert_problem == "missing":
+        live = [entry for entry in ledger.entries if _live(entry, ctx.now)]
         if ca.key.problem == "missing" and not live:
             return _bootstrap(ctx, "no CA yet: create one")
         if ca.key.problem != "missing" and first_run:
@@ -232,7 +239,7 @@ def _issue_problems(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
             reasons.append(
                 f"private key file is not the one issued with serial {_short(cert.serial)}"
             )
-        if entry.status is not CertStatus.VALID:
+        if entry.status is not _VALID:
             reasons.append(f"serial {_short(cert.serial)} is {entry.status}")
     return reasons
 
@@ -277,7 +284,7 @@ def _plan_leaf(ctx: _Context, ref: str, spec: LeafSpec, leaf: ObservedLeaf | Non
     for e in entries:
         if _live(e, ctx.now) and e.generation not in (0, spec.generation):
             old_list.append(Revocation(e.serial, ctx.start, RevocationReason.SUPERSEDED))
-        elif e.status is CertStatus.VALID:
+        elif e.status is _VALID:
             supersede_list.append(e.serial)
     supersede, old_generation = tuple(supersede_list), tuple(old_list)
     old_reason = (
@@ -337,7 +344,7 @@ def _plan_leaf(ctx: _Context, ref: str, spec: LeafSpec, leaf: ObservedLeaf | Non
                 f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",
             )
         return Action(
-            kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
+            kind=ActionKind.REVOKE if old_generation else _NOOP,
             subject=ref,
             serial=serial,
             reasons=(*reasons, *old_reason) if old_reason else reasons,
@@ -354,7 +361,7 @@ def _plan_leaf(ctx: _Context, ref: str, spec: LeafSpec, leaf: ObservedLeaf | Non
     issuance, notes = ctx.issuance(spec)
     if issuance.not_after <= current.not_after:
         return Action(
-            kind=ActionKind.REVOKE if old_generation else ActionKind.NOOP,
+            kind=ActionKind.REVOKE if old_generation else _NOOP,
             subject=ref,
             serial=serial,
             reasons=(
@@ -499,7 +506,7 @@ def _plan_crl(ctx: _Context, actions: Sequence[Action]) -> Action:
             e.serial, e.revoked_at or ctx.start, e.reason or RevocationReason.CESSATION_OF_OPERATION
         )
         for e in ctx.observed.ledger.entries
-        if e.status is CertStatus.REVOKED and e.not_after > ctx.now
+        if e.status is _REVOKED and e.not_after > ctx.now
     }
     for action in actions:
         revoked.update((r.serial, r) for r in action.revoke)
@@ -557,16 +564,13 @@ def _plan_crl(ctx: _Context, actions: Sequence[Action]) -> Action:
 # --------------------------------------------------------------------------- plan
 
 
-def _sort_key(ref: str) -> tuple[int, str]:
-    kind, _, name = ref.partition("/")
-    return _KIND_ORDER[kind], name  # a StrEnum hashes as its value: no enum lookup per name
-
-
-def _observed_refs(ctx: _Context) -> Iterable[str]:
-    yield from (leaf.ref for leaf in ctx.observed.leaves)
-    for ref, entries in ctx.entries.items():
-        if any(_live(entry, ctx.now) for entry in entries):
-            yield ref
+def _removed_refs(ctx: _Context, specs: Mapping[str, LeafSpec], leaves: Iterable[str]) -> set[str]:
+    """Names users.yaml no longer lists that still have files or a live certificate."""
+    removed = {ref for ref in leaves if ref not in specs}
+    for ref in ctx.entries.keys() - specs.keys():
+        if any(_live(entry, ctx.now) for entry in ctx.entries[ref]):
+            removed.add(ref)
+    return removed
 
 
 def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
@@ -589,7 +593,8 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     actions = [_plan_ca(ctx, blockers)]
     leaves = {leaf.ref: leaf for leaf in observed.leaves}
     specs = desired.by_ref()
-    for ref in sorted(set(specs) | set(_observed_refs(ctx)), key=_sort_key):
+    # "client/…" sorts before "server/…", and names within a kind in order: plain string order
+    for ref in sorted([*specs, *_removed_refs(ctx, specs, leaves)]):
         spec = specs.get(ref)
         actions.append(
             _plan_leaf(ctx, ref, spec, leaves.get(ref))
