@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import orjson
+
 from reconciler.model import (
     CertKind,
     CertStatus,
@@ -358,12 +360,11 @@ def decode_ledger(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
     return ledger, signed, signature
 
 
-def _subject(value: object) -> tuple[tuple[str, str], ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or any(len(pair) != 2 for pair in value):
+def _subject(value: object) -> tuple[tuple[str, str], ...]:
+    subject = tuple(map(tuple, value)) if isinstance(value, list) else None
+    if subject is None or not set(map(len, subject)) <= {2}:
         raise ValueError("subject is not a list of [attribute, value] pairs")
-    return tuple(map(tuple, value))
+    return subject
 
 
 _KINDS = {kind.value: kind for kind in CertKind}
@@ -384,7 +385,9 @@ def _decode_lines(lines: list[str]) -> Iterator[LedgerEntry]:
             parsed = times[text] = _parse_time(text)
         return parsed
 
-    loads = json.loads
+    # orjson decodes a ledger line about five times faster than json: on a no-op over 10,000
+    # names that is most of the time spent on the ledger
+    loads = orjson.loads
     for number, line in enumerate(lines[1:], start=2):
         try:
             record = loads(line)
