@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import NoReturn, TextIO
 
 from reconciler import __version__, engine, render
-from reconciler import export as export_stage
-from reconciler import hba as hba_stage
 from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
@@ -188,6 +184,8 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
     target = args.state / "users.yaml"
     if target.exists():
         raise UsageError(f"{target} already exists; edit it, or choose another --state")
+    from importlib import resources  # 15 ms to import: only here
+
     example = resources.files("reconciler").joinpath("example-users.yaml").read_text("utf-8")
     args.state.mkdir(parents=True, exist_ok=True)
     target.write_text(example, encoding="utf-8")
@@ -305,6 +303,8 @@ def _apply(
 def _export(
     args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
+    from reconciler import export as export_stage
+
     sources = _sources(args, environ)
     result = export_stage.export(
         args.state,
@@ -326,6 +326,8 @@ def _export(
 
 
 def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler import hba as hba_stage
+
     desired = engine.snapshot(args.state).desired
     if args.check is None:
         out.write(hba_stage.fragment(desired))
@@ -402,6 +404,8 @@ def main(
         err.write("reconciler: interrupted\n")
         return 130
     except Exception:
+        import traceback
+
         traceback.print_exc(file=err)
         err.write("reconciler: this is a bug; please report it with the lines above.\n")
         return EXIT_BUG

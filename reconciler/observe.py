@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -255,10 +256,6 @@ def _facts_from(entry: LedgerEntry, issuer: Subject) -> CertFacts:
     )
 
 
-PARALLEL_MIN_NAMES = 1000
-"""From this many names on, and with a second core, a forked child reads the leaf files."""
-
-
 def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -323,34 +320,42 @@ class _Forked(Generic[T]):
 
 class Reading:
     """observe() in two steps, so that the caller can parse users.yaml meanwhile: on a machine
-    with more than one core and a large state, a forked child reads and hashes the key and
-    certificate files (most of a no-op's system calls) while this process goes on."""
+    with more than one core, a forked child lists clients/ and servers/ and reads and hashes
+    every key and certificate file in them (nearly all of a no-op's system calls) while this
+    process goes on. It forks only while this process runs a single thread, so the child
+    cannot inherit a lock another thread holds."""
 
     def __init__(self, store: StateDir, *, parallel: bool | None = None) -> None:
         self.store = store
-        self.listing = store.scan()
-        self.names = [(kind, store.leaf_names(kind, self.listing)) for kind in CertKind]
+        self.listing = store.scan(leaf_dirs=False)
         if parallel is None:
-            parallel = (
-                sum(len(names) for _, names in self.names) >= PARALLEL_MIN_NAMES and _cores() > 1
-            )
-        self._files: _Forked[list[list[LeafFile]]] | None = (
-            _Forked(self._read_leaf_files) if parallel else None
+            parallel = _cores() > 1 and threading.active_count() == 1
+        self._leaves: _Forked[tuple[Listing, list[list[LeafFile]]]] | None = (
+            _Forked(self._read_leaf_dirs) if parallel else None
         )
 
-    def _read_leaf_files(self) -> list[list[LeafFile]]:
-        return [read_leaf_files(self.store, kind.directory, names) for kind, names in self.names]
+    def _read_leaf_dirs(self) -> tuple[Listing, list[list[LeafFile]]]:
+        listing = self.store.scan_leaf_dirs()
+        files = [
+            read_leaf_files(self.store, kind.directory, self.store.leaf_names(kind, listing))
+            for kind in CertKind
+        ]
+        return listing, files
 
     def __enter__(self) -> Reading:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._files is not None:
-            self._files.cancel()
+        if self._leaves is not None:
+            self._leaves.cancel()
 
     def observe(self) -> Observed:
         """Everything plan() needs to know about the state directory, read once."""
-        store, listing = self.store, self.listing
+        store = self.store
+        leaf_listing, files = (
+            self._leaves.result() if self._leaves is not None else self._read_leaf_dirs()
+        )
+        listing = self.listing.merge(leaf_listing)
         observer = _Observer(store, listing)
         ca, ca_cert = observer.ca()
         verify = None
@@ -364,10 +369,9 @@ class Reading:
         known = (
             {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
         )
-        files = self._files.result() if self._files is not None else self._read_leaf_files()
         leaves = tuple(
             leaf
-            for (kind, _), found in zip(self.names, files, strict=True)
+            for kind, found in zip(CertKind, files, strict=True)
             for leaf in observer.leaves(kind, found, ca_cert, known)
         )
         crl = observer.crl(ca_cert)

@@ -54,6 +54,15 @@ class Listing:
     temp_files: list[str] = dataclasses.field(default_factory=list)
     other_files: list[str] = dataclasses.field(default_factory=list)
 
+    def merge(self, other: Listing) -> Listing:
+        """Both listings in one, in path order (scan's order when both cover the whole tree)."""
+        return Listing(
+            leaf_files={**self.leaf_files, **other.leaf_files},
+            modes={**self.modes, **other.modes},
+            temp_files=sorted([*self.temp_files, *other.temp_files]),
+            other_files=sorted([*self.other_files, *other.other_files]),
+        )
+
 
 def expected_mode(relative: str) -> int:
     if relative in MANAGED_DIRS:
@@ -97,32 +106,49 @@ class StateDir:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
-    def scan(self) -> Listing:
-        """Every file and directory below the state directory, classified, with its mode."""
+    def scan(self, *, leaf_dirs: bool = True) -> Listing:
+        """Every file and directory below the state directory, classified, with its mode.
+        leaf_dirs=False leaves out clients/ and servers/, which scan_leaf_dirs() lists."""
         listing = Listing()
         for directory, dirs, files in os.walk(self.root):
             where = Path(directory)
             relative_dir = "" if where == self.root else str(where.relative_to(self.root))
-            dirs.sort()
-            if relative_dir in MANAGED_DIRS:
-                listing.modes[relative_dir] = os.stat(where).st_mode & 0o7777
-            for file in sorted(files):
-                relative = f"{relative_dir}/{file}" if relative_dir else file
-                if file.endswith(TEMP_SUFFIX) and file.startswith(TEMP_PREFIX):
-                    listing.temp_files.append(relative)
-                elif (
-                    relative_dir in LEAF_DIRS
-                    and file.endswith((".crt", ".key"))
-                    and len(file) > 4
-                    and not file.startswith(".")
-                ):
-                    # their modes come from fstat when observe reads them: no second syscall
-                    listing.leaf_files.setdefault(relative_dir, []).append(file)
-                elif relative in MANAGED_FILES:
-                    listing.modes[relative] = os.lstat(where / file).st_mode & 0o7777
-                elif relative not in LOCAL_FILES:
-                    listing.other_files.append(relative)
+            if not relative_dir and not leaf_dirs:
+                dirs[:] = [d for d in dirs if d not in LEAF_DIRS]
+            self._classify(listing, relative_dir, dirs, files)
         return listing
+
+    def scan_leaf_dirs(self) -> Listing:
+        """What scan() finds in clients/ and servers/ (where nearly all files are)."""
+        listing = Listing()
+        for leaf_dir in LEAF_DIRS:
+            for directory, dirs, files in os.walk(self.root / leaf_dir):
+                relative_dir = str(Path(directory).relative_to(self.root))
+                self._classify(listing, relative_dir, dirs, files)
+        return listing
+
+    def _classify(
+        self, listing: Listing, relative_dir: str, dirs: list[str], files: list[str]
+    ) -> None:
+        dirs.sort()
+        if relative_dir in MANAGED_DIRS:
+            listing.modes[relative_dir] = os.stat(self.root / relative_dir).st_mode & 0o7777
+        for file in sorted(files):
+            relative = f"{relative_dir}/{file}" if relative_dir else file
+            if file.endswith(TEMP_SUFFIX) and file.startswith(TEMP_PREFIX):
+                listing.temp_files.append(relative)
+            elif (
+                relative_dir in LEAF_DIRS
+                and file.endswith((".crt", ".key"))
+                and len(file) > 4
+                and not file.startswith(".")
+            ):
+                # their modes come from fstat when observe reads them: no second syscall
+                listing.leaf_files.setdefault(relative_dir, []).append(file)
+            elif relative in MANAGED_FILES:
+                listing.modes[relative] = os.lstat(self.root / relative).st_mode & 0o7777
+            elif relative not in LOCAL_FILES:
+                listing.other_files.append(relative)
 
     def leaf_names(self, kind: CertKind, listing: Listing | None = None) -> list[str]:
         """Names that have a certificate or a key file; temporary files are not names."""

@@ -5,6 +5,7 @@ and fall back to reading in the parent when the child fails."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from reconciler import pki
 from reconciler.engine import plan_state, snapshot
 from reconciler.errors import DesiredStateError
 from reconciler.model import KeyType
-from reconciler.observe import PARALLEL_MIN_NAMES, Reading, _Forked, observe
+from reconciler.observe import _Forked, observe
 from reconciler.store import StateDir
 
 T = TypeVar("T")
@@ -47,6 +48,9 @@ def damaged(tmp_path: Path) -> Path:
     (clients / "heidi.key").write_bytes(pki.encrypt_key(other, KEY_PASSPHRASE.encode()))
     os.chmod(clients / "alice.key", 0o644)  # as in a fresh clone
     (clients / "zoe.key").write_bytes(b"not a key\n")  # a key with no certificate or name
+    # what an interrupted write leaves, and a stray file holding a plaintext key
+    (clients / ".alice.crt.tmp").write_bytes((clients / "alice.crt").read_bytes())
+    (clients / "notes.pem").write_bytes(pki.unencrypted_key_pem(other))
     return state
 
 
@@ -64,7 +68,8 @@ def test_the_parallel_read_observes_exactly_what_the_serial_read_does(damaged: P
     assert leaves["frank"].cert is not None
     assert leaves["frank"].cert.subject[-1] == ("CN", "grace")
     assert leaves["zoe"].key.problem == "unusable: not an encrypted PKCS#8 PEM key"
-    assert "clients/grace.crt" in parallel.plaintext_keys
+    assert set(parallel.plaintext_keys) == {"clients/grace.crt", "clients/notes.pem"}
+    assert [temp.path for temp in parallel.temp_files] == ["clients/.alice.crt.tmp"]
     assert dict(parallel.modes)["clients/alice.key"] == 0o644
     heidi = leaves["heidi"].key.sha256
     assert heidi is not None
@@ -111,8 +116,8 @@ def test_cancel_kills_and_reaps_the_child() -> None:
 
 @pytest.fixture
 def forks(monkeypatch: pytest.MonkeyPatch) -> list[_Forked[object]]:
-    """Make every Reading fork, whatever the state's size and the machine's cores, and list
-    the children it starts."""
+    """Make every Reading fork, whatever the machine's cores, and list the children it
+    starts."""
     started: list[_Forked[object]] = []
 
     class Recorded(_Forked[T]):
@@ -120,7 +125,6 @@ def forks(monkeypatch: pytest.MonkeyPatch) -> list[_Forked[object]]:
             super().__init__(work)
             started.append(self)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(observe_module, "PARALLEL_MIN_NAMES", 1)
     monkeypatch.setattr(observe_module, "_cores", lambda: 2)
     monkeypatch.setattr(observe_module, "_Forked", Recorded)
     return started
@@ -131,7 +135,7 @@ def test_plan_through_the_parallel_read_equals_plan_through_the_serial_one(
 ) -> None:
     parallel = plan_state(damaged, T0)
     assert len(forks) == 1
-    monkeypatch.setattr(observe_module, "PARALLEL_MIN_NAMES", 10**9)
+    monkeypatch.setattr(observe_module, "_cores", lambda: 1)
     serial = plan_state(damaged, T0)
     assert len(forks) == 1
     assert parallel == serial
@@ -151,11 +155,25 @@ def test_a_bad_users_yaml_leaves_no_child_behind(
     assert _children() == before
 
 
-def test_small_states_and_single_cores_read_serially(damaged: Path) -> None:
-    with Reading(StateDir(damaged)) as reading:
-        assert reading._files is None  # 9 names, far below the threshold
-        assert reading.observe() == observe(StateDir(damaged), parallel=False)
-    assert len(NAMES) < PARALLEL_MIN_NAMES
+@pytest.mark.parametrize("why", ["one core", "another thread"])
+def test_one_core_or_another_thread_reads_here(
+    damaged: Path, forks: list[_Forked[object]], monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    if why == "one core":
+        monkeypatch.setattr(observe_module, "_cores", lambda: 1)
+        assert observe(StateDir(damaged)) == observe(StateDir(damaged), parallel=False)
+    else:  # a forked child could inherit a lock the other thread holds: never fork then
+        release = threading.Event()
+        other = threading.Thread(target=release.wait)
+        other.start()
+        try:
+            assert observe(StateDir(damaged)) == observe(StateDir(damaged), parallel=False)
+        finally:
+            release.set()
+            other.join()
+    assert forks == []
+    assert observe(StateDir(damaged)) is not None
+    assert len(forks) == (1 if why == "another thread" else 0)
 
 
 def _children() -> set[int]:
