@@ -7,9 +7,11 @@ Exit codes: 0 success; 1 the user must act (one message on stderr); 2 `plan
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -381,6 +383,33 @@ def main(
     stderr: TextIO | None = None,
 ) -> int:
     """Run one command; returns the exit code. Tests call this directly."""
+    with _few_collections():
+        return _main(argv, environ=environ, stdout=stdout, stderr=stderr)
+
+
+@contextlib.contextmanager
+def _few_collections() -> Iterator[None]:
+    """One command makes a few objects per certificate and frees little: with the collector's
+    default thresholds, a no-op over 10,000 names spends about a sixth of its time in garbage
+    collections that find nothing. Collect far less often (cycles are still collected), and
+    leave the modules imported so far out of every collection."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+def _main(
+    argv: Sequence[str] | None,
+    *,
+    environ: Mapping[str, str] | None,
+    stdout: TextIO | None,
+    stderr: TextIO | None,
+) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     env = os.environ if environ is None else environ
     try:

@@ -175,7 +175,20 @@ class _Observer:
                 and entry.kind is kind
                 and entry.name == name
             ):
-                yield ObservedLeaf(kind, name, _facts_from(entry, ca_subject), None, key)
+                facts = CertFacts(  # positionally: this runs once per certificate
+                    entry.serial,
+                    entry.subject,
+                    ca_subject,
+                    entry.dns,
+                    entry.ips,
+                    entry.key,
+                    entry.not_before,
+                    entry.not_after,
+                    entry.fingerprint,
+                    True,  # signed_by_ca: checked when it was issued and recorded
+                    False,  # is_ca
+                )
+                yield ObservedLeaf(kind, name, facts, None, key)
                 continue
             data = self.store.read_relative(relative)[0]
             if data is None:  # deleted since it was read
@@ -237,23 +250,6 @@ class _Observer:
             self.plaintext.append(relative)
         name = target[:-4] if kind is not None and target.endswith((".crt", ".key")) else None
         return TempFile(path=relative, cert=cert, kind=kind, name=name)
-
-
-def _facts_from(entry: LedgerEntry, issuer: Subject) -> CertFacts:
-    assert entry.subject is not None
-    return CertFacts(
-        serial=entry.serial,
-        subject=entry.subject,
-        issuer=issuer,
-        dns=entry.dns,
-        ips=entry.ips,
-        key=entry.key,
-        not_before=entry.not_before,
-        not_after=entry.not_after,
-        fingerprint=entry.fingerprint,
-        signed_by_ca=True,
-        is_ca=False,
-    )
 
 
 def _cores() -> int:
