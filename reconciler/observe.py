@@ -348,11 +348,7 @@ class Reading:
     def observe(self) -> Observed:
         """Everything plan() needs to know about the state directory, read once."""
         store = self.store
-        leaf_listing, files = (
-            self._leaves.result() if self._leaves is not None else self._read_leaf_dirs()
-        )
-        listing = self.listing.merge(leaf_listing)
-        observer = _Observer(store, listing)
+        observer = _Observer(store, self.listing)
         ca, ca_cert = observer.ca()
         verify = None
         if ca_cert is not None:
@@ -365,6 +361,12 @@ class Reading:
         known = (
             {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
         )
+        # only now wait for the child: the CA and the ledger were read meanwhile
+        leaf_listing, files = (
+            self._leaves.result() if self._leaves is not None else self._read_leaf_dirs()
+        )
+        listing = self.listing.merge(leaf_listing)
+        observer.modes.update(leaf_listing.modes)
         leaves = tuple(
             leaf
             for kind, found in zip(CertKind, files, strict=True)
