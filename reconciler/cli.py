@@ -14,15 +14,17 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from reconciler import __version__, engine, render
-from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
 from reconciler.report import State, StatusRow
 from reconciler.secrets import SecretSources, Which
 from reconciler.store import atomic_write
+
+if TYPE_CHECKING:  # apply imports the cryptography package: only once the reader has forked
+    from reconciler.apply import Progress, ProgressFactory
 
 EXIT_OK, EXIT_USER, EXIT_CHANGES, EXIT_BUG = 0, 1, 2, 70
 _LOSS = {

@@ -8,19 +8,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler import apply as apply_stage
-from reconciler import render
-from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import ActionKind, Desired, Observed, Plan
 from reconciler.observe import Reading
-from reconciler.plan import plan as make_plan
-from reconciler.report import StatusRow, status_rows
 from reconciler.secrets import Passphrase, SecretSources, Which
 from reconciler.store import LockTimeout, StateDir
 
-if TYPE_CHECKING:  # GitPython is imported only by apply, which may commit
+# The stages that import the cryptography package, PyYAML or GitPython are imported where they
+# are first used: by then observe's reader has forked, and reads the state while they load.
+if TYPE_CHECKING:
+    from reconciler import apply as apply_stage
     from reconciler import record as record_stage
+    from reconciler.report import StatusRow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +37,8 @@ class ApplyReport:
 
 
 def validate(state_dir: Path) -> Desired:
+    from reconciler.desired import load_desired
+
     store = StateDir(state_dir)
     return load_desired(store.users_yaml, display=str(store.users_yaml))
 
@@ -45,16 +46,22 @@ def validate(state_dir: Path) -> Desired:
 def snapshot(state_dir: Path) -> Snapshot:
     store = StateDir(state_dir)
     with Reading(store) as reading:  # reads the key and certificate files meanwhile
+        from reconciler.desired import load_desired
+
         desired = load_desired(store.users_yaml, display=str(store.users_yaml))
         return Snapshot(store=store, desired=desired, observed=reading.observe())
 
 
 def plan_state(state_dir: Path, now: datetime) -> Plan:
+    from reconciler.plan import plan as make_plan
+
     snap = snapshot(state_dir)
     return make_plan(snap.desired, snap.observed, now=now)
 
 
 def status(state_dir: Path, now: datetime) -> list[StatusRow]:
+    from reconciler.report import status_rows
+
     snap = snapshot(state_dir)
     return status_rows(snap.desired, snap.observed, now)
 
@@ -66,7 +73,10 @@ def reconcile(
     progress: apply_stage.ProgressFactory | None = None,
 ) -> ApplyReport:
     """Plan and apply. Passphrases are generated only when a new CA is about to be created."""
-    snap = snapshot(state_dir)
+    snap = snapshot(state_dir)  # first: it forks the reader before the heavy imports
+    from reconciler import apply as apply_stage
+    from reconciler.plan import plan as make_plan
+
     plan = make_plan(snap.desired, snap.observed, now=now)
     if plan.blockers:
         raise StateError(" ".join(f"{b}." if not b.endswith(".") else b for b in plan.blockers))
@@ -127,6 +137,7 @@ class RunReport:
 
 def _record(repo: record_stage.Repo, state_dir: Path, report: ApplyReport) -> record_stage.Recorded:
     from reconciler import record as record_stage
+    from reconciler import render
 
     new_serials = dict(report.outcome.issued)
     return record_stage.record(

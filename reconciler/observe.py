@@ -9,18 +9,14 @@ ledger's CA signature verifies.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
-import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from cryptography import x509
-
-from reconciler import pki
+from reconciler import pem
 from reconciler.model import (
     CertFacts,
     CertKind,
@@ -35,45 +31,14 @@ from reconciler.model import (
 )
 from reconciler.store import TEMP_PREFIX, TEMP_SUFFIX, Listing, StateDir
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
 T = TypeVar("T")
-
-_ENCRYPTED_PEM = re.compile(
-    rb"\A\s*-----BEGIN ENCRYPTED PRIVATE KEY-----\r?\n([A-Za-z0-9+/=\r\n]+)"
-    rb"-----END ENCRYPTED PRIVATE KEY-----\s*\Z"
-)
-
-
-_KEY_BEGIN = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"
-_KEY_END = b"-----END ENCRYPTED PRIVATE KEY-----\n"
-_BASE64_LINES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n"
-
-
-def _canonical_encrypted_pem(data: bytes) -> bool:
-    """The PEM this tool writes, checked without a regular expression: the same answer as
-    _ENCRYPTED_PEM for such files, which is what every key file is on a no-op."""
-    body = data[len(_KEY_BEGIN) : -len(_KEY_END)]
-    return (
-        data.startswith(_KEY_BEGIN)
-        and data.endswith(_KEY_END)
-        and len(data) > len(_KEY_BEGIN) + len(_KEY_END)
-        and not body.translate(None, _BASE64_LINES)
-    )
-
-
-def _key_problem(data: bytes | None) -> tuple[str | None, str | None]:
-    """(problem, SHA-256) of a key file's bytes; the problem is None for an encrypted key."""
-    if data is None:
-        return "missing", None
-    digest = hashlib.sha256(data).hexdigest()
-    if _canonical_encrypted_pem(data) or _ENCRYPTED_PEM.match(data):
-        return None, digest
-    if pki.PLAINTEXT_KEY.search(data):
-        return "not encrypted", digest
-    return "unusable: not an encrypted PKCS#8 PEM key", digest
 
 
 def key_facts(data: bytes | None) -> KeyFacts:
-    problem, digest = _key_problem(data)
+    problem, digest = pem.key_problem(data)
     return KeyFacts(problem=problem, sha256=digest)
 
 
@@ -86,11 +51,11 @@ certificate mode (None when there is no certificate file), certificate holds a p
 def read_leaf_files(store: StateDir, directory: str, names: Sequence[str]) -> list[LeafFile]:
     """Read and hash every name's key and certificate file in one leaf directory."""
     found: list[LeafFile] = []
-    fingerprint, search = pki.pem_fingerprint, pki.PLAINTEXT_KEY.search
+    fingerprint, search, check_key = pem.fingerprint, pem.PLAINTEXT_KEY.search, pem.key_problem
     with store.reader(directory) as read:
         for name in names:
             key_data, key_mode = read(f"{name}.key")
-            key_problem, key_sha256 = _key_problem(key_data)
+            key_problem, key_sha256 = check_key(key_data)
             data, mode = read(f"{name}.crt")
             if data is None:
                 found.append((name, key_problem, key_sha256, key_mode, None, None, False))
@@ -117,11 +82,13 @@ class _Observer:
     def read(self, relative: str) -> bytes | None:
         """Read a file that must not hold a private key, noting it when it does."""
         data, _ = self.store.read_relative(relative)
-        if data is not None and b"PRIVATE KEY" in data and pki.PLAINTEXT_KEY.search(data):
+        if data is not None and b"PRIVATE KEY" in data and pem.PLAINTEXT_KEY.search(data):
             self.plaintext.append(relative)
         return data
 
     def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
+        from reconciler import pki  # imports cryptography: after the reader forked
+
         key = key_facts(self.store.read(self.store.ca_key))
         data = self.read("ca/ca.crt")
         if data is None:
@@ -153,6 +120,8 @@ class _Observer:
     ) -> Iterator[ObservedLeaf]:
         """Every name of one directory, from what read_leaf_files found: the hot loop of a
         no-op, so a certificate the ledger knows costs a dictionary lookup."""
+        from reconciler import pki
+
         directory = kind.directory
         modes, plaintext, ca_subject = self.modes, self.plaintext, self.ca_subject
         for name, key_problem, key_sha256, key_mode, fingerprint, mode, holds_key in files:
@@ -202,6 +171,8 @@ class _Observer:
             yield ObservedLeaf(kind, name, facts, None, key)
 
     def crl(self, ca_cert: x509.Certificate | None) -> ObservedCRL:
+        from cryptography import x509
+
         data = self.read("ca/crl.pem")
         if data is None:
             return ObservedCRL(
@@ -236,6 +207,8 @@ class _Observer:
         )
 
     def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:
+        from reconciler import pki
+
         data = self.store.read_relative(relative)[0] or b""
         directory, _, file = relative.rpartition("/")
         target = file[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
@@ -246,7 +219,7 @@ class _Observer:
                 cert = pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
             except ValueError:
                 cert = None
-        if pki.PLAINTEXT_KEY.search(data):
+        if pem.PLAINTEXT_KEY.search(data):
             self.plaintext.append(relative)
         name = target[:-4] if kind is not None and target.endswith((".crt", ".key")) else None
         return TempFile(path=relative, cert=cert, kind=kind, name=name)
@@ -347,6 +320,8 @@ class Reading:
 
     def observe(self) -> Observed:
         """Everything plan() needs to know about the state directory, read once."""
+        from reconciler import pki
+
         store = self.store
         observer = _Observer(store, self.listing)
         ca, ca_cert = observer.ca()

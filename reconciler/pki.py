@@ -5,11 +5,8 @@ Validity, serials and every other value come in as arguments: nothing here reads
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import ipaddress
-import re
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -267,10 +264,6 @@ def build_crl(
     return builder.sign(ca_key, _signing_hash(ca_key))
 
 
-PLAINTEXT_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH )?PRIVATE KEY-----")
-"""The PEM header of an unencrypted private key, in any of the usual formats."""
-
-
 def sign(key: PrivateKey, data: bytes) -> bytes:
     """A signature over data with the CA key (the ledger is signed this way)."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
@@ -305,24 +298,6 @@ def pem(item: x509.Certificate | x509.CertificateRevocationList) -> bytes:
 def load_certificates(data: bytes) -> list[x509.Certificate]:
     """Every certificate in a PEM file; ValueError when there is none or one is broken."""
     return x509.load_pem_x509_certificates(data)
-
-
-_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-_PEM_END = b"-----END CERTIFICATE-----"
-
-
-def pem_fingerprint(data: bytes) -> str | None:
-    """SHA-256 of the DER of the first certificate in PEM data, without parsing it: the key
-    under which the ledger records a certificate it has already checked."""
-    start = data.find(_PEM_BEGIN)
-    end = data.find(_PEM_END, start)
-    if start < 0 or end < 0:
-        return None
-    try:
-        der = base64.b64decode(data[start + len(_PEM_BEGIN) : end])
-    except (binascii.Error, ValueError):
-        return None
-    return hashlib.sha256(der).hexdigest()
 
 
 def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:

@@ -250,7 +250,7 @@ def _spec_changes(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf) -> tuple[li
     cert, reasons = leaf.cert, []
     if cert.subject != spec.subject:
         reasons.append(f"subject changed: {_dn(cert.subject)} → {_dn(spec.subject)}")
-    if cert.key != spec.key.value:
+    if cert.key != spec.key:  # a StrEnum equals its value; .value costs an enum lookup
         reasons.append(f"key type changed: {cert.key} → {spec.key}")
     if (cert.dns or spec.dns) and {d.lower() for d in cert.dns} != set(spec.dns):
         reasons.append(

@@ -18,7 +18,7 @@ import git
 
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
-from reconciler.pki import PLAINTEXT_KEY
+from reconciler.pem import PLAINTEXT_KEY
 
 DEFAULT_NAME = "reconciler"
 DEFAULT_EMAIL = "reconciler@localhost"

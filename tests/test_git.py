@@ -20,7 +20,7 @@ from support import SECRETS, at, cert, run, users_yaml
 from reconciler import record
 from reconciler.engine import plan_state
 from reconciler.errors import StateError
-from reconciler.pki import PLAINTEXT_KEY
+from reconciler.pem import PLAINTEXT_KEY
 
 T0 = at("2027-01-01T00:00:00Z")
 USERS = "  - name: alice\n  - name: bob\n"

@@ -20,9 +20,9 @@ import pytest
 from pgcluster import Cluster, cluster
 from support import run
 
-from reconciler import pki
 from reconciler.desired import load_desired
 from reconciler.hba import fragment
+from reconciler.pem import PLAINTEXT_KEY
 
 NOW = datetime.now(UTC)  # PostgreSQL checks validity against the real clock
 T1 = NOW - timedelta(days=40)
@@ -111,7 +111,7 @@ def test_user_logs_in_with_verify_full_as_its_own_role(deployment: Deployment) -
     alice = deployment.export("alice")
     assert deployment.logs_in_as(alice, "alice") == "alice"
     assert (alice / "postgresql.key").stat().st_mode & 0o777 == 0o600
-    assert pki.PLAINTEXT_KEY.match((alice / "postgresql.key").read_bytes())  # decrypted
+    assert PLAINTEXT_KEY.match((alice / "postgresql.key").read_bytes())  # decrypted
 
 
 def test_a_certificate_cannot_log_in_as_another_role(deployment: Deployment) -> None:

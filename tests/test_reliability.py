@@ -39,6 +39,7 @@ from reconciler import pki
 from reconciler.desired import load_desired
 from reconciler.engine import plan_state
 from reconciler.model import CASpec, CertStatus, KeyType
+from reconciler.pem import PLAINTEXT_KEY
 from reconciler.store import StateDir, decode_ledger
 
 T0 = at("2027-01-01T00:00:00Z")
@@ -380,7 +381,7 @@ def _check_commit(repo: Path, commit: str) -> None:
     for path in files:
         if path.endswith(".crt") and "/ca/" not in path:
             assert x509.load_pem_x509_certificate(show(path)).serial_number in known, path
-        assert not pki.PLAINTEXT_KEY.search(show(path)), path
+        assert not PLAINTEXT_KEY.search(show(path)), path
 
 
 @pytest.mark.slow
