@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from reconciler import schema_check
 from reconciler.errors import DesiredStateError
 
 if TYPE_CHECKING:
@@ -469,27 +470,9 @@ _TYPE_WORDS = {
 }
 
 
-@functools.cache
-def _fast_check() -> Callable[[Any], Any]:
-    """A compiled validator (fastjsonschema) for the common case of a valid document: about
-    ten times faster than jsonschema, whose messages and every-error listing are kept for
-    documents that fail. The schema uses nothing draft-07 reads differently from 2020-12."""
-    import fastjsonschema
-
-    check: Callable[[Any], Any] = fastjsonschema.compile(
-        {**schema(), "$schema": "http://json-schema.org/draft-07/schema#"}
-    )
-    return check
-
-
 def _schema_problems(document: Any, problems: _Problems) -> None:
-    import fastjsonschema
-
-    try:
-        _fast_check()(document)
+    if schema_check.valid(document):  # generated from the schema; jsonschema only for errors
         return
-    except fastjsonschema.JsonSchemaException:
-        pass
     for error in _validator().iter_errors(document):
         path: DocPath = tuple(error.absolute_path)
         hint = error.schema.get("x-hint") if isinstance(error.schema, dict) else None
