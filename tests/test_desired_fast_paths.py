@@ -10,6 +10,10 @@ could part ways:
    schema (so the two cannot drift apart), its `valid` answers as jsonschema's `is_valid` on
    the corpus and on random near-valid documents, and the generator refuses keywords it does
    not know rather than ignore them.
+4. The per-entry shortcuts: role_name_problem's ASCII shortcut answers as the full check (kept
+   below as the reference); values parsed once and reused (durations, windows, keys,
+   addresses) still give each entry its own problem; leaves made without LeafSpec's __init__
+   equal leaves made with it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import contextlib
 import copy
 import gc
 import json
+import unicodedata
+from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from hypothesis import strategies as st
 
 from reconciler import desired, schema_check, schema_codegen
 from reconciler.errors import DesiredStateError
+from reconciler.model import CertKind, HbaRule, KeyType, LeafSpec, RenewBefore
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "schema" / "users.schema.json").read_text("utf-8"))
@@ -353,3 +361,199 @@ def test_schema_check_agrees_with_jsonschema_on_the_corpus() -> None:
 def test_generator_refuses_what_it_cannot_check(schema: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"extend reconciler/schema_codegen\.py"):
         schema_codegen.generate(schema)
+
+
+# --------------------------------------------------------------------------- per-entry shortcuts
+
+
+def _role_name_problem_reference(name: str) -> str | None:
+    """role_name_problem as it was before the ASCII shortcut."""
+    if len(name.encode("utf-8")) > 63:
+        return (
+            f"the role name is {len(name.encode('utf-8'))} bytes of UTF-8, more than "
+            "PostgreSQL's 63; shorten it"
+        )
+    if "/" in name or name.startswith("."):
+        return "a role name must not contain '/' or start with '.'; rename it"
+    for char in name:
+        if unicodedata.category(char) in {"Cc", "Cf"}:
+            return (
+                f"the role name contains the control or format character U+{ord(char):04X}; "
+                "remove it"
+            )
+    if name.startswith("pg_"):
+        return "role names starting with 'pg_' are reserved by PostgreSQL; rename it"
+    if name in desired.RESERVED_ROLE_NAMES:
+        return f"{name!r} is reserved by PostgreSQL and cannot be a role; rename it"
+    return None
+
+
+_NAME_CHARS = st.one_of(
+    st.sampled_from(list("aZ09_-.$ /\x00\x1f\x7f\x85\u00ad\u200b\u202e\u00e9~")),
+    st.characters(max_codepoint=0x7F),
+    st.characters(),
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "postgres",
+        "",
+        "x" * 63,
+        "x" * 64,
+        "\u00e9" * 31,
+        "\u00e9" * 32,
+        ".x",
+        "a/b",
+        "pg_x",
+        "pg",
+        "public",
+        "Public",
+        "none",
+        "a b",
+        "a\tb",
+        "a\x7f",
+        "a\u200bb",
+        "~!@#",
+    ],
+)
+def test_role_name_shortcut_answers_as_the_full_check(name: str) -> None:
+    assert desired.role_name_problem(name) == _role_name_problem_reference(name)
+
+
+@_FAST
+@given(st.one_of(st.text(_NAME_CHARS, max_size=70), st.sampled_from(["pg_", ".", "public"])))
+def test_role_name_shortcut_answers_as_the_full_check_on_any_name(name: str) -> None:
+    assert desired.role_name_problem(name) == _role_name_problem_reference(name)
+
+
+_HEAD = "version: 1\nca: {subject: {CN: x}}\n"  # lines 1-2
+
+
+def _problems(text: str) -> list[str]:
+    with pytest.raises(DesiredStateError) as caught:
+        desired.parse_desired(text)
+    return caught.value.problems
+
+
+def test_a_repeated_bad_value_is_reported_for_every_entry() -> None:
+    problems = _problems(
+        _HEAD + "users:\n"  # 3
+        "  - {name: a, validity: 36501d}\n"  # 4
+        "  - {name: b, validity: 36501d}\n"  # 5
+        "  - {name: c, key: rsa-1024}\n"  # 6
+        "  - {name: d, key: rsa-1024}\n"  # 7
+        "  - {name: e, hba: [{database: x, address: 10.0.0.1/8}]}\n"  # 8
+        "  - {name: f, hba: [{database: x, address: 10.0.0.1/8}]}\n"  # 9
+        "servers:\n"  # 10
+        "  - {name: a.example.com, ip: [10.0.0.300]}\n"  # 11
+        "  - {name: b.example.com, ip: [10.0.0.300]}\n"  # 12
+        "  - {name: c.example.com, ip: [10.0.0.1, 10.0.0.1]}\n"  # 13
+        "  - {name: d.example.com, ip: [10.0.0.1, 10.0.0.1]}\n"  # 14
+    )
+    lines = [int(problem.split(":")[1]) for problem in problems]
+    assert lines == [4, 5, 6, 7, 8, 9, 11, 12, 13, 14], problems
+
+
+def test_a_repeated_window_problem_is_reported_for_every_entry() -> None:
+    problems = _problems(
+        _HEAD + "users:\n"  # 3
+        "  - {name: a, validity: 10d, renew_before: 10d}\n"  # 4
+        "  - {name: b, validity: 10d, renew_before: 10d}\n"  # 5
+        "  - {name: c, validity: 10d, renew_before: 9d}\n"  # 6
+    )
+    assert [int(problem.split(":")[1]) for problem in problems] == [4, 5], problems
+
+
+_ENTRIES = (
+    _HEAD + "defaults: {key: ed25519, validity: 90d, renew_before: 30d, subject: {C: NL, O: A}}\n"
+    "users:\n"
+    "  - name: a\n"
+    "  - {name: b, key: rsa-3072, validity: 10d, renew_before: 20%, generation: 3}\n"
+    "  - {name: c, key: rsa-3072, validity: 10d, renew_before: 20%, subject: {OU: T, O: B}}\n"
+    "  - {name: d, hba: [{database: x, address: 10.0.0.0/8}, {database: y, address: all}]}\n"
+    "  - {name: e, hba: [{database: x, address: 10.0.0.0/8}], generation: 2.0}\n"
+    "servers:\n"
+    "  - {name: a.example.com, dns: [b.example.com, a.example.com], ip: ['fd00::01', 1.2.3.4]}\n"
+    "  - {name: b.example.com, ip: ['fd00::1'], validity: 48h, renew_before: 12h}\n"
+)
+
+
+def test_entries_get_their_values_and_the_defaults() -> None:
+    days = timedelta(days=1)
+    client, server = CertKind.CLIENT, CertKind.SERVER
+    common = (("C", "NL"), ("O", "A"))
+    month = RenewBefore(duration=30 * days)
+    share = RenewBefore(share=Fraction(20, 100))
+    expected = [
+        LeafSpec(client, "a", KeyType.ED25519, 90 * days, month, (*common, ("CN", "a"))),
+        LeafSpec(client, "b", KeyType.RSA_3072, 10 * days, share, (*common, ("CN", "b")), 3),
+        LeafSpec(
+            client,
+            "c",
+            KeyType.RSA_3072,
+            10 * days,
+            share,
+            (("C", "NL"), ("O", "B"), ("OU", "T"), ("CN", "c")),
+        ),
+        LeafSpec(
+            client,
+            "d",
+            KeyType.ED25519,
+            90 * days,
+            month,
+            (*common, ("CN", "d")),
+            hba=(HbaRule("x", "10.0.0.0/8"), HbaRule("y", "all")),
+        ),
+        LeafSpec(
+            client,
+            "e",
+            KeyType.ED25519,
+            90 * days,
+            month,
+            (*common, ("CN", "e")),
+            2,
+            hba=(HbaRule("x", "10.0.0.0/8"),),
+        ),
+        LeafSpec(
+            server,
+            "a.example.com",
+            KeyType.ED25519,
+            90 * days,
+            month,
+            (*common, ("CN", "a.example.com")),
+            dns=("a.example.com", "b.example.com"),
+            ips=("fd00::1", "1.2.3.4"),
+        ),
+        LeafSpec(
+            server,
+            "b.example.com",
+            KeyType.ED25519,
+            timedelta(hours=48),
+            RenewBefore(duration=timedelta(hours=12)),
+            (*common, ("CN", "b.example.com")),
+            dns=("b.example.com",),
+            ips=("fd00::1",),
+        ),
+    ]
+    leaves = desired.parse_desired(_ENTRIES).leaves
+    assert list(leaves) == expected
+    assert [type(leaf.generation) for leaf in leaves] == [int] * len(leaves)
+
+
+def test_leaves_made_without_init_equal_leaves_made_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quick = desired.parse_desired(_ENTRIES)
+    monkeypatch.setattr(desired, "_make_leaf", desired._leaf_by_keyword)
+    slow = desired.parse_desired(_ENTRIES)
+    assert quick == slow
+    assert hash(quick) == hash(slow)
+    assert repr(quick) == repr(slow)
+    for leaf in quick.leaves:
+        assert type(leaf) is LeafSpec
+        assert (
+            leaf.spec_hash()
+            == LeafSpec(**{f: getattr(leaf, f) for f in desired._LEAF_FIELDS}).spec_hash()
+        )
