@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import gc
 import ipaddress
 import json
 import re
-import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from fractions import Fraction
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +96,8 @@ def _gc_paused() -> Iterator[None]:
 @functools.cache
 def schema() -> dict[str, Any]:
     """The JSON Schema of format version 1 (schema/users.schema.json, shipped in the package)."""
+    from importlib import resources  # needed only to explain an invalid file: imported then
+
     text = resources.files("reconciler").joinpath("users.schema.json").read_text("utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
@@ -480,13 +479,15 @@ _TYPE_WORDS = {
 def _schema_problems(document: Any, problems: _Problems) -> None:
     if schema_check.valid(document):  # generated from the schema; jsonschema only for errors
         return
+    from difflib import get_close_matches
+
     for error in _validator().iter_errors(document):
         path: DocPath = tuple(error.absolute_path)
         hint = error.schema.get("x-hint") if isinstance(error.schema, dict) else None
         if error.validator == "additionalProperties":
             allowed = sorted(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed)):
-                close = difflib.get_close_matches(key, allowed, n=1)
+                close = get_close_matches(key, allowed, n=1)
                 advice = (
                     f"did you mean {close[0]!r}?"
                     if close
@@ -553,6 +554,8 @@ def role_name_problem(name: str) -> str | None:
         )
     if "/" in name or name.startswith("."):
         return "a role name must not contain '/' or start with '.'; rename it"
+    import unicodedata  # names outside printable ASCII, and refused ones, get this far
+
     for char in "" if _PLAIN_NAME.match(name) else name:
         if unicodedata.category(char) in {"Cc", "Cf"}:
             return (
