@@ -55,21 +55,41 @@ _SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _QuickResolveLoader(_SAFE_LOADER):  # type: ignore[misc]
-    """The safe loader with PyYAML's BaseResolver.resolve rewritten for speed: it is called for
-    every node, and the original builds a new list per scalar and checks path resolvers. Same
-    tags for every node as long as the loader has no wildcard and no path resolvers, which
-    _YAML_LOADER checks below (the safe loader has neither)."""
+    """The safe loader with PyYAML's resolver rewritten for speed; the composer calls it for
+    every node. PyYAML's resolve() builds a new list per scalar, tries the implicit resolvers'
+    regular expressions on every plain scalar, even on the same key for the ten-thousandth
+    time, and checks path resolvers; descend_resolver() and ascend_resolver() too are called
+    around every node to do nothing without path resolvers. This one gives every node the same
+    tag, as long as the loader has no wildcard and no path resolvers, which _YAML_LOADER checks
+    below (the safe loader has neither): a plain scalar's tag depends on its text alone, so it
+    is worked out once per distinct text."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.plain_tags: dict[str, str] = {}
 
     def resolve(self, kind: type[yaml.Node], value: str, implicit: tuple[bool, bool]) -> Any:
         if kind is yaml.ScalarNode:
-            if implicit[0]:
-                for tag, regexp in self.yaml_implicit_resolvers.get(value[:1], ()):
+            if not implicit[0]:
+                return self.DEFAULT_SCALAR_TAG
+            tag = self.plain_tags.get(value)
+            if tag is None:
+                tag = self.DEFAULT_SCALAR_TAG
+                for candidate, regexp in self.yaml_implicit_resolvers.get(value[:1], ()):
                     if regexp.match(value):
-                        return tag
-            return self.DEFAULT_SCALAR_TAG
+                        tag = candidate
+                        break
+                self.plain_tags[value] = tag
+            return tag
         if kind is yaml.MappingNode:
             return self.DEFAULT_MAPPING_TAG
         return self.DEFAULT_SEQUENCE_TAG
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        pass
+
+    def ascend_resolver(self) -> None:
+        pass
 
 
 _YAML_LOADER: Any = (

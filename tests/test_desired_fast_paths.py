@@ -114,8 +114,21 @@ def test_tag_resolution_matches_pyyaml_on_any_plain_scalar(value: str) -> None:
     assert got == _resolved(desired._SAFE_LOADER, yaml.ScalarNode, value, (True, False))
 
 
+def test_tag_resolution_remembers_nothing_it_should_not() -> None:
+    """One loader, every value twice, quoted and plain in turn: each time PyYAML's tag."""
+    ours, theirs = desired._YAML_LOADER(""), desired._SAFE_LOADER("")
+    for _ in range(2):
+        for value in _SCALARS:
+            for implicit in [(True, False), (False, True), (True, False), (False, False)]:
+                for kind in (yaml.ScalarNode, yaml.MappingNode, yaml.SequenceNode):
+                    assert ours.resolve(kind, value, implicit) == theirs.resolve(
+                        kind, value, implicit
+                    ), (kind, value, implicit)
+
+
 def test_composed_tree_matches_pyyaml() -> None:
     text = (
+        "r: [yes, 'yes', yes, \"yes\", ~, '~', ~, 1, '1', 1, !!str 1, 1, x, 'x', x]\n"
         "a: [1, 1.5, ~, yes, '1', !!str 2, 2001-12-14, 0x1f, .inf, <<, =, x]\nb: {c: &x d, e: *x}\n"
     )
     ours = yaml.compose(text, Loader=desired._YAML_LOADER)
