@@ -331,8 +331,14 @@ def _node_budget(text: str) -> int:
     return len(text) * NODES_PER_BYTE + NODE_ALLOWANCE
 
 
+_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]"
+_CONTROL_OR_LONE_CR = _CONTROL + r"|\r(?!\n)"
+
+
 def _compose(text: str, display: str) -> yaml.Node:
-    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]|\r(?!\n)", text)
+    # Without a CR the second alternative cannot match, and a bare character class is
+    # searched several times faster than the alternation.
+    bad = re.search(_CONTROL_OR_LONE_CR if "\r" in text else _CONTROL, text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
         if bad.group() in ("\r", "\x85", "\u2028", "\u2029"):

@@ -5,7 +5,8 @@ could part ways:
 
 1. The loader's tag resolution gives every scalar, mapping and list the tag PyYAML's own
    resolver gives it.
-2. Parsing leaves the garbage collector as it found it, also when the file is refused.
+2. Parsing leaves the garbage collector as it found it, also when the file is refused, and the
+   first control character or lone CR is found whether or not the file has CRs elsewhere.
 3. reconciler/schema_check.py is what reconciler/schema_codegen.py writes for the shipped
    schema (so the two cannot drift apart), its `valid` answers as jsonschema's `is_valid` on
    the corpus and on random near-valid documents, and the generator refuses keywords it does
@@ -158,6 +159,23 @@ def test_parsing_leaves_the_garbage_collector_as_it_was(text: str, enabled: bool
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize(
+    ("text", "first"),
+    [
+        ("a: 1\nb: x\x07\n", "users.yaml:2: the file contains the control character '\\x07'"),
+        ("a: 1\r\nb: x\x07\r\n", "users.yaml:2: the file contains the control character '\\x07'"),
+        ("a: 1\r\nb: x\rc: 1\x07\n", "users.yaml:2: the file contains the line break '\\r'"),
+        ("a: 1\x07\r\nb: x\rc\n", "users.yaml:1: the file contains the control character '\\x07'"),
+        ("a: 1\nb: \u2028\r\n", "users.yaml:2: the file contains the line break '\\u2028'"),
+        ("a: 1\r\nb: 2\r", "users.yaml:2: the file contains the line break '\\r'"),
+    ],
+)
+def test_first_odd_character_is_found_with_or_without_crs(text: str, first: str) -> None:
+    with pytest.raises(DesiredStateError) as caught:
+        desired.parse_desired(text)
+    assert caught.value.problems[0].startswith(first), caught.value.problems
 
 
 # --------------------------------------------------------------------------- the schema check
