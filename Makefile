@@ -9,7 +9,7 @@ WARN_DAYS       ?= 7
 PROMETHEUS_FILE ?=
 PROMETHEUS      := $(if $(PROMETHEUS_FILE),--prometheus $(PROMETHEUS_FILE))
 
-.PHONY: reconcile plan validate status renew test lint bench clean
+.PHONY: reconcile plan validate status renew test lint bench schema-check clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ lint: $(VENV)/.dev ## ruff and mypy --strict
 
 bench: $(VENV)/.dev ## benchmarks of issue 6 (not part of test); ARGS="--quick" or "--with-100k"
 	$(BIN)/python bench/bench.py $(ARGS)
+
+# reconciler/schema_check.py is generated from the schema and committed; a test fails when it is
+# stale. Run this after editing schema/users.schema.json.
+schema-check: reconciler/schema_check.py ## regenerate the validator made from the schema
+
+reconciler/schema_check.py: schema/users.schema.json reconciler/schema_codegen.py | $(VENV)/.runtime
+	$(BIN)/python -m reconciler.schema_codegen schema/users.schema.json > $@.tmp
+	mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,22 +6,22 @@ value kept) → JSON Schema (schema/users.schema.json) → semantic checks → D
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import difflib
 import functools
+import gc
 import ipaddress
 import json
 import re
-import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from fractions import Fraction
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from reconciler import schema_check
 from reconciler.errors import DesiredStateError
 
 if TYPE_CHECKING:
@@ -51,12 +51,73 @@ HBA_ADDRESS_KEYWORDS = frozenset({"all", "samehost", "samenet"})
 DocPath = tuple[str | int, ...]
 
 _SCALAR_TAG = "tag:yaml.org,2002:"
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _QuickResolveLoader(_SAFE_LOADER):  # type: ignore[misc]
+    """The safe loader with PyYAML's resolver rewritten for speed; the composer calls it for
+    every node. PyYAML's resolve() builds a new list per scalar, tries the implicit resolvers'
+    regular expressions on every plain scalar, even on the same key for the ten-thousandth
+    time, and checks path resolvers; descend_resolver() and ascend_resolver() too are called
+    around every node to do nothing without path resolvers. This one gives every node the same
+    tag, as long as the loader has no wildcard and no path resolvers, which _YAML_LOADER checks
+    below (the safe loader has neither): a plain scalar's tag depends on its text alone, so it
+    is worked out once per distinct text."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.plain_tags: dict[str, str] = {}
+
+    def resolve(self, kind: type[yaml.Node], value: str, implicit: tuple[bool, bool]) -> Any:
+        if kind is yaml.ScalarNode:
+            if not implicit[0]:
+                return self.DEFAULT_SCALAR_TAG
+            tag = self.plain_tags.get(value)
+            if tag is None:
+                tag = self.DEFAULT_SCALAR_TAG
+                for candidate, regexp in self.yaml_implicit_resolvers.get(value[:1], ()):
+                    if regexp.match(value):
+                        tag = candidate
+                        break
+                self.plain_tags[value] = tag
+            return tag
+        if kind is yaml.MappingNode:
+            return self.DEFAULT_MAPPING_TAG
+        return self.DEFAULT_SEQUENCE_TAG
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        pass
+
+    def ascend_resolver(self) -> None:
+        pass
+
+
+_YAML_LOADER: Any = (
+    _QuickResolveLoader
+    if not _SAFE_LOADER.yaml_path_resolvers and None not in _SAFE_LOADER.yaml_implicit_resolvers
+    else _SAFE_LOADER
+)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: parsing makes hundreds of thousands of objects and no
+    cycles, so each collection it triggers scans a growing heap for nothing (at 100,000 users
+    that made loading quadratic). Reference counting still frees everything as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @functools.cache
 def schema() -> dict[str, Any]:
     """The JSON Schema of format version 1 (schema/users.schema.json, shipped in the package)."""
+    from importlib import resources  # needed only to explain an invalid file: imported then
+
     text = resources.files("reconciler").joinpath("users.schema.json").read_text("utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
@@ -270,8 +331,14 @@ def _node_budget(text: str) -> int:
     return len(text) * NODES_PER_BYTE + NODE_ALLOWANCE
 
 
+_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]"
+_CONTROL_OR_LONE_CR = _CONTROL + r"|\r(?!\n)"
+
+
 def _compose(text: str, display: str) -> yaml.Node:
-    bad = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]|\r(?!\n)", text)
+    # Without a CR the second alternative cannot match, and a bare character class is
+    # searched several times faster than the alternation.
+    bad = re.search(_CONTROL_OR_LONE_CR if "\r" in text else _CONTROL, text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
         if bad.group() in ("\r", "\x85", "\u2028", "\u2029"):
@@ -341,14 +408,15 @@ def _build_fast(root: yaml.Node, max_nodes: int) -> Any:
     non-text keys, alias expansion, odd numbers)."""
     constructor = yaml.constructor.SafeConstructor()
     count = 0
-    map_tag, seq_tag = _SCALAR_TAG + "map", _SCALAR_TAG + "seq"
+    map_tag, seq_tag, str_tag = _SCALAR_TAG + "map", _SCALAR_TAG + "seq", _SCALAR_TAG + "str"
+    scalar_node, mapping_node = yaml.ScalarNode, yaml.MappingNode
 
     def build(node: yaml.Node) -> Any:
         nonlocal count
         count += 1
         if count > max_nodes:
             raise _Fallback
-        if isinstance(node, yaml.ScalarNode):
+        if isinstance(node, scalar_node):
             if node.tag not in _PLAIN_TAGS:
                 raise _Fallback
             make = _PLAIN_TAGS[node.tag]
@@ -358,17 +426,23 @@ def _build_fast(root: yaml.Node, max_nodes: int) -> Any:
             if isinstance(value, int) and value.bit_length() > 64:
                 raise _Fallback
             return value
-        if isinstance(node, yaml.MappingNode):
+        if isinstance(node, mapping_node):
             if node.tag != map_tag:
                 raise _Fallback
             result: dict[str, Any] = {}
             for key_node, value_node in node.value:
-                if key_node.tag != _SCALAR_TAG + "str" or not isinstance(key_node, yaml.ScalarNode):
+                if key_node.tag != str_tag or not isinstance(key_node, scalar_node):
                     raise _Fallback
                 key = key_node.value
                 if key in result:
                     raise _Fallback
-                result[key] = build(value_node)
+                if value_node.tag == str_tag and isinstance(value_node, scalar_node):
+                    count += 1  # text, the most common value: what build() does, inline
+                    if count > max_nodes:
+                        raise _Fallback
+                    result[key] = value_node.value
+                else:
+                    result[key] = build(value_node)
             return result
         if node.tag != seq_tag:
             raise _Fallback
@@ -428,34 +502,18 @@ _TYPE_WORDS = {
 }
 
 
-@functools.cache
-def _fast_check() -> Callable[[Any], Any]:
-    """A compiled validator (fastjsonschema) for the common case of a valid document: about
-    ten times faster than jsonschema, whose messages and every-error listing are kept for
-    documents that fail. The schema uses nothing draft-07 reads differently from 2020-12."""
-    import fastjsonschema
-
-    check: Callable[[Any], Any] = fastjsonschema.compile(
-        {**schema(), "$schema": "http://json-schema.org/draft-07/schema#"}
-    )
-    return check
-
-
 def _schema_problems(document: Any, problems: _Problems) -> None:
-    import fastjsonschema
-
-    try:
-        _fast_check()(document)
+    if schema_check.valid(document):  # generated from the schema; jsonschema only for errors
         return
-    except fastjsonschema.JsonSchemaException:
-        pass
+    from difflib import get_close_matches
+
     for error in _validator().iter_errors(document):
         path: DocPath = tuple(error.absolute_path)
         hint = error.schema.get("x-hint") if isinstance(error.schema, dict) else None
         if error.validator == "additionalProperties":
             allowed = sorted(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed)):
-                close = difflib.get_close_matches(key, allowed, n=1)
+                close = get_close_matches(key, allowed, n=1)
                 advice = (
                     f"did you mean {close[0]!r}?"
                     if close
@@ -506,6 +564,15 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]*\Z")  # no control or format characte
 
 def role_name_problem(name: str) -> str | None:
     """Why a role name cannot become a certificate CN and a file name, or None."""
+    if (  # the common case, decided without encoding or regex: short printable ASCII
+        len(name) <= 63
+        and name.isascii()
+        and name.isprintable()
+        and "/" not in name
+        and not name.startswith((".", "pg_"))
+        and name not in RESERVED_ROLE_NAMES
+    ):
+        return None
     if len(name.encode("utf-8")) > 63:
         return (
             f"the role name is {len(name.encode('utf-8'))} bytes of UTF-8, more than "
@@ -513,6 +580,8 @@ def role_name_problem(name: str) -> str | None:
         )
     if "/" in name or name.startswith("."):
         return "a role name must not contain '/' or start with '.'; rename it"
+    import unicodedata  # names outside printable ASCII, and refused ones, get this far
+
     for char in "" if _PLAIN_NAME.match(name) else name:
         if unicodedata.category(char) in {"Cc", "Cf"}:
             return (
@@ -524,6 +593,9 @@ def role_name_problem(name: str) -> str | None:
     if name in RESERVED_ROLE_NAMES:
         return f"{name!r} is reserved by PostgreSQL and cannot be a role; rename it"
     return None
+
+
+_KEY_TYPES = {key.value: key for key in KeyType}
 
 
 def _key_type(text: str) -> KeyType | str:
@@ -566,6 +638,122 @@ def _hba_address_problem(address: str) -> str | None:
     )
 
 
+_LEAF_FIELDS = (
+    "kind",
+    "name",
+    "key",
+    "validity",
+    "renew_before",
+    "subject",
+    "generation",
+    "dns",
+    "ips",
+    "hba",
+)
+_MakeLeaf = Callable[
+    [
+        CertKind,
+        str,
+        KeyType,
+        timedelta,
+        RenewBefore,
+        Subject,
+        int,
+        tuple[str, ...],
+        tuple[str, ...],
+        tuple[HbaRule, ...],
+    ],
+    LeafSpec,
+]
+
+
+def _leaf_maker() -> _MakeLeaf:
+    """LeafSpec(kind, name, key, validity, renew_before, subject, generation, dns, ips, hba),
+    three times faster than its generated __init__ (which calls object.__setattr__ per field
+    because the class is frozen): with 10,000 users that __init__ alone took 25-30 ms.
+    Sets the same slots with the same values, so the leaves are equal in every way; used only
+    while LeafSpec is the plain slotted dataclass with exactly these fields, else __init__."""
+    fields = tuple(field.name for field in dataclasses.fields(LeafSpec))
+    if (
+        fields != _LEAF_FIELDS
+        or getattr(LeafSpec, "__slots__", None) != fields
+        or hasattr(LeafSpec, "__post_init__")
+    ):
+        return _leaf_by_keyword
+    new = object.__new__
+    kind_, name_, key_, validity_, renew_, subject_, generation_, dns_, ips_, hba_ = (
+        getattr(LeafSpec, field).__set__ for field in _LEAF_FIELDS
+    )
+
+    def make(
+        kind: CertKind,
+        name: str,
+        key: KeyType,
+        validity: timedelta,
+        renew_before: RenewBefore,
+        subject: Subject,
+        generation: int,
+        dns: tuple[str, ...],
+        ips: tuple[str, ...],
+        hba: tuple[HbaRule, ...],
+    ) -> LeafSpec:
+        leaf: LeafSpec = new(LeafSpec)
+        kind_(leaf, kind)
+        name_(leaf, name)
+        key_(leaf, key)
+        validity_(leaf, validity)
+        renew_(leaf, renew_before)
+        subject_(leaf, subject)
+        generation_(leaf, generation)
+        dns_(leaf, dns)
+        ips_(leaf, ips)
+        hba_(leaf, hba)
+        return leaf
+
+    return make
+
+
+def _leaf_by_keyword(
+    kind: CertKind,
+    name: str,
+    key: KeyType,
+    validity: timedelta,
+    renew_before: RenewBefore,
+    subject: Subject,
+    generation: int,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
+    hba: tuple[HbaRule, ...],
+) -> LeafSpec:
+    return LeafSpec(
+        kind=kind,
+        name=name,
+        key=key,
+        validity=validity,
+        renew_before=renew_before,
+        subject=subject,
+        generation=generation,
+        dns=dns,
+        ips=ips,
+        hba=hba,
+    )
+
+
+_make_leaf = _leaf_maker()
+
+
+def _ip_text(text: str) -> str | None:
+    """The address as ipaddress writes it, or None unless text is one IPv4 or IPv6 address
+    without a zone (fe80::1%eth0 is refused)."""
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
+        return None
+    return str(parsed)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Defaults:
     key: KeyType
@@ -590,6 +778,9 @@ class _SemanticChecker:
     def __init__(self, document: dict[str, Any], problems: _Problems) -> None:
         self.doc = document
         self.problems = problems
+        # Addresses repeat across entries (the same subnets, the same hosts); parse each once.
+        self.ip_texts: dict[str, str | None] = {}
+        self.hba_address_problems: dict[str, str | None] = {}
 
     def key(self, text: str, path: DocPath) -> KeyType:
         result = _key_type(text)
@@ -673,8 +864,16 @@ class _SemanticChecker:
         ]
         return Desired(ca=ca, crl=crl, leaves=tuple(leaves))
 
-    def _entries(self, section: str, kind: CertKind, defaults: _Defaults) -> Iterator[LeafSpec]:
+    def _entries(self, section: str, kind: CertKind, defaults: _Defaults) -> list[LeafSpec]:
+        """The section's leaves. Runs once per entry, so the common case (no own value, or one
+        already seen) costs a dictionary lookup; anything else goes through the same methods
+        as the defaults, in the same order, so problems come out as they always have."""
+        leaves: list[LeafSpec] = []
         seen: dict[str, int] = {}
+        client = kind is CertKind.CLIENT
+        durations: dict[str, timedelta] = {}
+        windows: dict[str, RenewBefore] = {}
+        common_subject = defaults.subject_without_cn
         for index, entry in enumerate(self.doc.get(section, [])):
             path: DocPath = (section, index)
             name: str = entry["name"]
@@ -685,43 +884,58 @@ class _SemanticChecker:
                     f"{self.problems.line_of((section, seen[name], 'name'))}); "
                     "keep one entry",
                 )
-            seen.setdefault(name, index)
-            if kind is CertKind.CLIENT:
+            else:
+                seen[name] = index
+            if client:
                 problem = role_name_problem(name)
                 if problem:
                     self.problems.add((*path, "name"), problem)
-            validity = (
-                self.validity(entry["validity"], (*path, "validity"))
-                if "validity" in entry
-                else defaults.validity
-            )
+            text = entry.get("validity")
+            if text is None:
+                validity = defaults.validity
+            elif text in durations:
+                validity = durations[text]
+            else:
+                validity = self.validity(text, (*path, "validity"))
+                if validity <= MAX_VALIDITY:
+                    durations[text] = validity
             renew, renew_path = defaults.renew_before, defaults.renew_path
-            if "renew_before" in entry:
-                renew = parse_renew_before(entry["renew_before"])
+            text = entry.get("renew_before")
+            if text is not None:
+                renew = windows.get(text) or windows.setdefault(text, parse_renew_before(text))
                 renew_path = (*path, "renew_before")
-            self.check_window(
-                renew,
-                renew_path,
-                validity,
-                path,
-                (*path, "validity") if "validity" in entry else None,
+            if renew.duration is not None and renew.duration >= validity:
+                self.check_window(
+                    renew,
+                    renew_path,
+                    validity,
+                    path,
+                    (*path, "validity") if "validity" in entry else None,
+                )
+            text = entry.get("key")
+            leaves.append(
+                _make_leaf(
+                    kind,
+                    name,
+                    (
+                        defaults.key
+                        if text is None
+                        else _KEY_TYPES.get(text) or self.key(text, (*path, "key"))
+                    ),
+                    validity,
+                    renew,
+                    (
+                        (*common_subject, ("CN", name))
+                        if "subject" not in entry
+                        else _subject({**defaults.subject, **entry["subject"]}, name)
+                    ),
+                    int(entry.get("generation", 1)),
+                    () if client else self._dns(name, entry, path),
+                    self._ips(entry, path) if "ip" in entry else (),
+                    self._hba(entry, path) if "hba" in entry else (),
+                )
             )
-            yield LeafSpec(
-                kind=kind,
-                name=name,
-                key=self.key(entry["key"], (*path, "key")) if "key" in entry else defaults.key,
-                validity=validity,
-                renew_before=renew,
-                subject=(
-                    (*defaults.subject_without_cn, ("CN", name))
-                    if "subject" not in entry
-                    else _subject({**defaults.subject, **entry["subject"]}, name)
-                ),
-                generation=int(entry.get("generation", 1)),
-                dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
-                ips=self._ips(entry, path),
-                hba=self._hba(entry, path),
-            )
+        return leaves
 
     def _dns(self, name: str, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
         names = [name]
@@ -735,12 +949,11 @@ class _SemanticChecker:
     def _ips(self, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
         result: list[str] = []
         for index, text in enumerate(entry.get("ip", [])):
-            try:
-                parsed = ipaddress.ip_address(text)
-                if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
-                    raise ValueError
-                address = str(parsed)
-            except ValueError:
+            if text in self.ip_texts:
+                address = self.ip_texts[text]
+            else:
+                address = self.ip_texts[text] = _ip_text(text)
+            if address is None:
                 self.problems.add(
                     (*path, "ip", index),
                     f"{text!r} is not an IPv4 or IPv6 "
@@ -755,11 +968,15 @@ class _SemanticChecker:
     def _hba(self, entry: dict[str, Any], path: DocPath) -> tuple[HbaRule, ...]:
         rules: list[HbaRule] = []
         for index, rule in enumerate(entry.get("hba", [])):
-            problem = _hba_address_problem(rule["address"])
+            address = rule["address"]
+            if address in self.hba_address_problems:
+                problem = self.hba_address_problems[address]
+            else:
+                problem = self.hba_address_problems[address] = _hba_address_problem(address)
             if problem:
                 self.problems.add((*path, "hba", index, "address"), problem)
                 continue
-            hba = HbaRule(database=rule["database"], address=rule["address"])
+            hba = HbaRule(database=rule["database"], address=address)
             if hba in rules:
                 self.problems.add((*path, "hba", index), "this rule is listed twice; keep one")
             rules.append(hba)
@@ -771,6 +988,11 @@ class _SemanticChecker:
 
 def parse_desired(text: str, display: str = "users.yaml") -> Desired:
     """Validate users.yaml text; raise DesiredStateError listing every problem found."""
+    with _gc_paused():
+        return _parse_desired(text, display)
+
+
+def _parse_desired(text: str, display: str) -> Desired:
     root = _compose(text, display)
     budget = _node_budget(text)
     try:
