@@ -638,110 +638,6 @@ def _hba_address_problem(address: str) -> str | None:
     )
 
 
-_LEAF_FIELDS = (
-    "kind",
-    "name",
-    "key",
-    "validity",
-    "renew_before",
-    "subject",
-    "generation",
-    "dns",
-    "ips",
-    "hba",
-)
-_MakeLeaf = Callable[
-    [
-        CertKind,
-        str,
-        KeyType,
-        timedelta,
-        RenewBefore,
-        Subject,
-        int,
-        tuple[str, ...],
-        tuple[str, ...],
-        tuple[HbaRule, ...],
-    ],
-    LeafSpec,
-]
-
-
-def _leaf_maker() -> _MakeLeaf:
-    """LeafSpec(kind, name, key, validity, renew_before, subject, generation, dns, ips, hba),
-    three times faster than its generated __init__ (which calls object.__setattr__ per field
-    because the class is frozen): with 10,000 users that __init__ alone took 25-30 ms.
-    Sets the same slots with the same values, so the leaves are equal in every way; used only
-    while LeafSpec is the plain slotted dataclass with exactly these fields, else __init__."""
-    fields = tuple(field.name for field in dataclasses.fields(LeafSpec))
-    if (
-        fields != _LEAF_FIELDS
-        or getattr(LeafSpec, "__slots__", None) != fields
-        or hasattr(LeafSpec, "__post_init__")
-    ):
-        return _leaf_by_keyword
-    new = object.__new__
-    kind_, name_, key_, validity_, renew_, subject_, generation_, dns_, ips_, hba_ = (
-        getattr(LeafSpec, field).__set__ for field in _LEAF_FIELDS
-    )
-
-    def make(
-        kind: CertKind,
-        name: str,
-        key: KeyType,
-        validity: timedelta,
-        renew_before: RenewBefore,
-        subject: Subject,
-        generation: int,
-        dns: tuple[str, ...],
-        ips: tuple[str, ...],
-        hba: tuple[HbaRule, ...],
-    ) -> LeafSpec:
-        leaf: LeafSpec = new(LeafSpec)
-        kind_(leaf, kind)
-        name_(leaf, name)
-        key_(leaf, key)
-        validity_(leaf, validity)
-        renew_(leaf, renew_before)
-        subject_(leaf, subject)
-        generation_(leaf, generation)
-        dns_(leaf, dns)
-        ips_(leaf, ips)
-        hba_(leaf, hba)
-        return leaf
-
-    return make
-
-
-def _leaf_by_keyword(
-    kind: CertKind,
-    name: str,
-    key: KeyType,
-    validity: timedelta,
-    renew_before: RenewBefore,
-    subject: Subject,
-    generation: int,
-    dns: tuple[str, ...],
-    ips: tuple[str, ...],
-    hba: tuple[HbaRule, ...],
-) -> LeafSpec:
-    return LeafSpec(
-        kind=kind,
-        name=name,
-        key=key,
-        validity=validity,
-        renew_before=renew_before,
-        subject=subject,
-        generation=generation,
-        dns=dns,
-        ips=ips,
-        hba=hba,
-    )
-
-
-_make_leaf = _leaf_maker()
-
-
 def _ip_text(text: str) -> str | None:
     """The address as ipaddress writes it, or None unless text is one IPv4 or IPv6 address
     without a zone (fe80::1%eth0 is refused)."""
@@ -914,25 +810,25 @@ class _SemanticChecker:
                 )
             text = entry.get("key")
             leaves.append(
-                _make_leaf(
-                    kind,
-                    name,
-                    (
+                LeafSpec(  # model.quick_init: no object.__setattr__ per field
+                    kind=kind,
+                    name=name,
+                    key=(
                         defaults.key
                         if text is None
                         else _KEY_TYPES.get(text) or self.key(text, (*path, "key"))
                     ),
-                    validity,
-                    renew,
-                    (
+                    validity=validity,
+                    renew_before=renew,
+                    subject=(
                         (*common_subject, ("CN", name))
                         if "subject" not in entry
                         else _subject({**defaults.subject, **entry["subject"]}, name)
                     ),
-                    int(entry.get("generation", 1)),
-                    () if client else self._dns(name, entry, path),
-                    self._ips(entry, path) if "ip" in entry else (),
-                    self._hba(entry, path) if "hba" in entry else (),
+                    generation=int(entry.get("generation", 1)),
+                    dns=() if client else self._dns(name, entry, path),
+                    ips=self._ips(entry, path) if "ip" in entry else (),
+                    hba=self._hba(entry, path) if "hba" in entry else (),
                 )
             )
         return leaves

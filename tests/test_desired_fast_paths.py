@@ -580,20 +580,3 @@ def test_entries_get_their_values_and_the_defaults() -> None:
     leaves = desired.parse_desired(_ENTRIES).leaves
     assert list(leaves) == expected
     assert [type(leaf.generation) for leaf in leaves] == [int] * len(leaves)
-
-
-def test_leaves_made_without_init_equal_leaves_made_with_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    quick = desired.parse_desired(_ENTRIES)
-    monkeypatch.setattr(desired, "_make_leaf", desired._leaf_by_keyword)
-    slow = desired.parse_desired(_ENTRIES)
-    assert quick == slow
-    assert hash(quick) == hash(slow)
-    assert repr(quick) == repr(slow)
-    for leaf in quick.leaves:
-        assert type(leaf) is LeafSpec
-        assert (
-            leaf.spec_hash()
-            == LeafSpec(**{f: getattr(leaf, f) for f in desired._LEAF_FIELDS}).spec_hash()
-        )
