@@ -9,6 +9,7 @@ ledger's CA signature verifies.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import signal
@@ -287,36 +288,69 @@ class _Forked(Generic[T]):
         self._pid = None
 
 
+MAX_READERS = 4
+"""At most this many forked readers, each reading every n-th name; never more than cores."""
+
+
 class Reading:
     """observe() in two steps, so that the caller can parse users.yaml meanwhile: on a machine
-    with more than one core, a forked child lists clients/ and servers/ and reads and hashes
-    every key and certificate file in them (nearly all of a no-op's system calls) while this
-    process goes on. It forks only while this process runs a single thread, so the child
-    cannot inherit a lock another thread holds."""
+    with more than one core, forked children list clients/ and servers/ and read and hash
+    every key and certificate file in them (nearly all of a no-op's system calls), one in
+    every n names each, while this process goes on. It forks only while this process runs a
+    single thread, so no child can inherit a lock another thread holds."""
 
     def __init__(self, store: StateDir, *, parallel: bool | None = None) -> None:
         self.store = store
         self.listing = store.scan(leaf_dirs=False)
+        cores = _cores()
         if parallel is None:
-            parallel = _cores() > 1 and threading.active_count() == 1
-        self._leaves: _Forked[tuple[Listing, list[list[LeafFile]]]] | None = (
-            _Forked(self._read_leaf_dirs) if parallel else None
+            parallel = cores > 1 and threading.active_count() == 1
+        readers = min(max(cores, 2), MAX_READERS)
+        self._shards: list[_Forked[tuple[Listing, list[list[LeafFile]]]]] = (
+            [
+                _Forked(functools.partial(self._read_leaf_dirs, shard, readers))
+                for shard in range(readers)
+            ]
+            if parallel
+            else []
         )
 
-    def _read_leaf_dirs(self) -> tuple[Listing, list[list[LeafFile]]]:
+    def _read_leaf_dirs(
+        self, shard: int = 0, readers: int = 1
+    ) -> tuple[Listing, list[list[LeafFile]]]:
+        """The leaf directories' listing, and what the files of one in every `readers` names
+        say, starting at the shard-th name."""
         listing = self.store.scan_leaf_dirs()
         files = [
-            read_leaf_files(self.store, kind.directory, self.store.leaf_names(kind, listing))
+            read_leaf_files(
+                self.store, kind.directory, self.store.leaf_names(kind, listing)[shard::readers]
+            )
             for kind in CertKind
         ]
+        return listing, files
+
+    def _leaf_dirs(self) -> tuple[Listing, list[list[LeafFile]]]:
+        if not self._shards:
+            return self._read_leaf_dirs()
+        results = [shard.result() for shard in self._shards]
+        listing = results[0][0]
+        if any(other != listing for other, _ in results[1:]):
+            return self._read_leaf_dirs()  # names came or went while they listed: read here
+        files: list[list[LeafFile]] = []
+        for kind_index in range(len(CertKind)):
+            shards = [found[kind_index] for _, found in results]
+            merged: list[LeafFile] = [None] * sum(map(len, shards))  # type: ignore[list-item]
+            for shard, found in enumerate(shards):  # back into name order
+                merged[shard :: len(shards)] = found
+            files.append(merged)
         return listing, files
 
     def __enter__(self) -> Reading:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._leaves is not None:
-            self._leaves.cancel()
+        for shard in self._shards:
+            shard.cancel()
 
     def observe(self) -> Observed:
         """Everything plan() needs to know about the state directory, read once."""
@@ -337,9 +371,7 @@ class Reading:
             {entry.fingerprint: entry for entry in ledger.entries} if ledger.signature_ok else {}
         )
         # only now wait for the child: the CA and the ledger were read meanwhile
-        leaf_listing, files = (
-            self._leaves.result() if self._leaves is not None else self._read_leaf_dirs()
-        )
+        leaf_listing, files = self._leaf_dirs()
         listing = self.listing.merge(leaf_listing)
         observer.modes.update(leaf_listing.modes)
         leaves = tuple(

@@ -19,7 +19,7 @@ from reconciler import pki
 from reconciler.engine import plan_state, snapshot
 from reconciler.errors import DesiredStateError
 from reconciler.model import KeyType
-from reconciler.observe import _Forked, observe
+from reconciler.observe import Reading, _Forked, observe
 from reconciler.store import StateDir
 
 T = TypeVar("T")
@@ -134,10 +134,10 @@ def test_plan_through_the_parallel_read_equals_plan_through_the_serial_one(
     damaged: Path, forks: list[_Forked[object]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parallel = plan_state(damaged, T0)
-    assert len(forks) == 1
+    assert len(forks) == 2  # two cores: two readers, each reading every other name
     monkeypatch.setattr(observe_module, "_cores", lambda: 1)
     serial = plan_state(damaged, T0)
-    assert len(forks) == 1
+    assert len(forks) == 2
     assert parallel == serial
     changed = {a.subject for a in parallel.changes}
     assert changed >= {f"client/{n}" for n in ("bob", "carol", "dave", "erin", "frank", "heidi")}
@@ -151,7 +151,7 @@ def test_a_bad_users_yaml_leaves_no_child_behind(
     before = _children()
     with pytest.raises(DesiredStateError, match="YAML syntax error"):
         snapshot(damaged)
-    assert len(forks) == 1
+    assert len(forks) == 2
     assert _children() == before
 
 
@@ -173,7 +173,7 @@ def test_one_core_or_another_thread_reads_here(
             other.join()
     assert forks == []
     assert observe(StateDir(damaged)) is not None
-    assert len(forks) == (1 if why == "another thread" else 0)
+    assert len(forks) == (2 if why == "another thread" else 0)
 
 
 def _children() -> set[int]:
@@ -189,3 +189,27 @@ def _children() -> set[int]:
             if fields[1] == me:
                 found.add(int(entry.name))
     return found
+
+
+def test_readers_that_list_different_names_fall_back_to_reading_here(
+    damaged: Path, forks: list[_Forked[object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that appears between two readers' listings: their shards do not fit together,
+    so the parent reads every file itself rather than merging them."""
+    real = Reading._read_leaf_dirs
+    here: list[tuple[int, int]] = []  # calls made in this process (a child's are its own)
+
+    def skewed(self: Reading, shard: int = 0, readers: int = 1) -> object:
+        listing, files = real(self, shard, readers)
+        if os.getpid() == parent:
+            here.append((shard, readers))
+        elif shard == 1:  # the second reader saw one more file than the first
+            listing.other_files.append("clients/appeared-meanwhile")
+        return listing, files
+
+    parent = os.getpid()
+    monkeypatch.setattr(Reading, "_read_leaf_dirs", skewed)
+    observed = observe(StateDir(damaged))
+    assert len(forks) == 2
+    assert here == [(0, 1)]  # the parent read everything itself, once
+    assert observed == observe(StateDir(damaged), parallel=False)
