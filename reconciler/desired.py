@@ -12,6 +12,7 @@ import functools
 import gc
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -290,7 +291,12 @@ class _Builder:
 def _read_text(path: Path, display: str) -> str:
     try:
         with path.open("rb") as handle:
-            raw = handle.read(MAX_FILE_BYTES + 1)
+            # read(n) allocates n bytes first: ask for the file's size, not the 32 MiB limit
+            limit = MAX_FILE_BYTES + 1
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(min(size + 1, limit))
+            if size + 1 == len(raw) < limit:  # it grew since fstat: read the rest
+                raw += handle.read(limit - len(raw))
     except FileNotFoundError:
         raise DesiredStateError(
             [
@@ -336,6 +342,11 @@ _CONTROL_OR_LONE_CR = _CONTROL + r"|\r(?!\n)"
 
 
 def _compose(text: str, display: str) -> yaml.Node:
+    _check_characters(text, display)
+    return _compose_checked(text, display)
+
+
+def _check_characters(text: str, display: str) -> None:
     # Without a CR the second alternative cannot match, and a bare character class is
     # searched several times faster than the alternation.
     bad = re.search(_CONTROL_OR_LONE_CR if "\r" in text else _CONTROL, text)
@@ -356,6 +367,9 @@ def _compose(text: str, display: str) -> yaml.Node:
                 "only as escapes inside double quotes)"
             ]
         )
+
+
+def _compose_checked(text: str, display: str) -> yaml.Node:
     try:
         root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as exc:
@@ -391,6 +405,95 @@ def _compose(text: str, display: str) -> yaml.Node:
 
 class _Fallback(Exception):
     """The fast build met something unusual: the tracked build will say what."""
+
+
+def _load_fast(text: str) -> Any:
+    """Plain values straight from the parser's events, for the common, valid case: no node
+    tree is built, which is most of the time and nearly all of the memory of loading a large
+    file (about 3 KB of nodes per user). The values are those _build_fast(compose(text))
+    gives; raises _Fallback on anything else that path may have to handle or report: a YAML
+    error, anchors and aliases, tags other than the plain ones, duplicate or non-text keys,
+    odd numbers, more than one document, none at all."""
+    loader = _YAML_LOADER(text)
+    get, resolve = loader.get_event, loader.resolve
+    constructor = yaml.constructor.SafeConstructor()
+    str_tag, map_tag, seq_tag = _SCALAR_TAG + "str", _SCALAR_TAG + "map", _SCALAR_TAG + "seq"
+    scalar_node = yaml.ScalarNode
+    scalar, mapping_start, mapping_end = (
+        yaml.ScalarEvent,
+        yaml.MappingStartEvent,
+        yaml.MappingEndEvent,
+    )
+    sequence_start, sequence_end = yaml.SequenceStartEvent, yaml.SequenceEndEvent
+    quoted = (False, True)  # a quoted scalar without a tag: text
+
+    def scalar_value(event: yaml.ScalarEvent) -> Any:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = resolve(scalar_node, event.value, event.implicit)
+        if tag == str_tag:
+            return event.value
+        if tag not in _PLAIN_TAGS:
+            raise _Fallback
+        make = _PLAIN_TAGS[tag]
+        assert make is not None
+        value = make(constructor, scalar_node(tag, event.value))
+        if isinstance(value, int) and value.bit_length() > 64:
+            raise _Fallback
+        return value
+
+    def value(event: yaml.Event) -> Any:
+        kind = type(event)
+        if getattr(event, "anchor", None) is not None:
+            raise _Fallback
+        if kind is scalar:
+            return scalar_value(event)  # type: ignore[arg-type]
+        if kind is mapping_start:
+            if event.tag not in (None, "!", map_tag):  # type: ignore[attr-defined]
+                raise _Fallback
+            result: dict[str, Any] = {}
+            while True:
+                key_event = get()
+                if type(key_event) is mapping_end:
+                    return result
+                if type(key_event) is not scalar or key_event.anchor is not None:
+                    raise _Fallback
+                key = key_event.value
+                tag = key_event.tag
+                if tag is None or tag == "!":
+                    tag = resolve(scalar_node, key, key_event.implicit)
+                if tag != str_tag or key in result:
+                    raise _Fallback
+                item = get()
+                if (
+                    type(item) is scalar
+                    and item.implicit == quoted
+                    and item.tag is None
+                    and item.anchor is None
+                ):
+                    result[key] = item.value  # quoted text, the most common value
+                else:
+                    result[key] = value(item)
+        if kind is sequence_start:
+            if event.tag not in (None, "!", seq_tag):  # type: ignore[attr-defined]
+                raise _Fallback
+            items = []
+            while type(event := get()) is not sequence_end:
+                items.append(value(event))
+            return items
+        raise _Fallback  # an alias, or an event out of place
+
+    try:
+        if type(get()) is not yaml.StreamStartEvent or type(get()) is not yaml.DocumentStartEvent:
+            raise _Fallback
+        document = value(get())
+        if type(get()) is not yaml.DocumentEndEvent or type(get()) is not yaml.StreamEndEvent:
+            raise _Fallback
+        return document
+    except (yaml.YAMLError, ValueError, RecursionError):
+        raise _Fallback from None
+    finally:
+        loader.dispose()
 
 
 _PLAIN_TAGS = {
@@ -889,15 +992,23 @@ def parse_desired(text: str, display: str = "users.yaml") -> Desired:
 
 
 def _parse_desired(text: str, display: str) -> Desired:
-    root = _compose(text, display)
+    _check_characters(text, display)
     budget = _node_budget(text)
     try:
-        document = _build_fast(root, budget)
+        document = _load_fast(text)
     except _Fallback:
-        document, lines = _build_tracked(root, display, budget)
-        problems = _Problems(display, lambda: lines)
-    else:
-        problems = _Problems(display, lambda: _build_tracked(root, display, budget)[1])
+        root = _compose_checked(text, display)  # says what is wrong with the YAML, if anything
+        try:
+            document = _build_fast(root, budget)
+        except _Fallback:
+            document, lines = _build_tracked(root, display, budget)
+            problems = _Problems(display, lambda: lines)
+        else:
+            problems = _Problems(display, lambda: _build_tracked(root, display, budget)[1])
+    else:  # lines are looked up (by composing the file again) only if a problem needs one
+        problems = _Problems(
+            display, lambda: _build_tracked(_compose_checked(text, display), display, budget)[1]
+        )
     _schema_problems(document, problems)
     problems.raise_if_any()
     desired = _SemanticChecker(document, problems).run()

@@ -580,3 +580,79 @@ def test_entries_get_their_values_and_the_defaults() -> None:
     leaves = desired.parse_desired(_ENTRIES).leaves
     assert list(leaves) == expected
     assert [type(leaf.generation) for leaf in leaves] == [int] * len(leaves)
+
+
+def _by_nodes(text: str) -> Any:
+    """What the node path makes of text: plain values, or _Fallback where it would hand over
+    to the tracked build (or a YAML error, which that path reports)."""
+    try:
+        root = desired._compose_checked(text, "u")
+    except DesiredStateError:
+        return desired._Fallback
+    try:
+        return desired._build_fast(root, desired._node_budget(text))
+    except desired._Fallback:
+        return desired._Fallback
+
+
+def _by_events(text: str) -> Any:
+    try:
+        return desired._load_fast(text)
+    except desired._Fallback:
+        return desired._Fallback
+
+
+_EVENT_CASES = [
+    "version: 1\nca: {subject: {CN: x}}\n",
+    "a: [1, 1.5, ~, yes, '1', \"2\", !!str 3, 0x1f, .inf, x]\n",
+    "a: 'quoted'\nb: \"double\"\nc: plain\nd: |\n  block\ne: >\n  folded\n",
+    "a: !!int '7'\nb: ! x\nc: !!map {d: e}\nd: !!seq [f]\n",
+    "users:\n  - name: a\n    dns: [x.example.com]\n  - {name: b, generation: 2}\n",
+    "a: 18446744073709551616\n",  # over 64 bits: handed over
+    "a: 2001-12-14\n",  # a timestamp: handed over
+    "a: &x 1\nb: *x\n",  # anchors and aliases: handed over
+    "<<: {a: 1}\n",  # a merge key: handed over
+    "a: 1\na: 2\n",  # a duplicate key: handed over
+    "1: x\n",  # a key that is not text: handed over
+    "? [a]\n: b\n",  # a key that is a list: handed over
+    "a: !custom x\n",  # an unknown tag: handed over
+    "--- a\n--- b\n",  # two documents: handed over
+    "",  # no document: handed over
+    "a: [\n",  # a syntax error: handed over
+    "- [[[[[[[[[[]]]]]]]]]]\n",
+]
+
+
+@pytest.mark.parametrize("text", _EVENT_CASES)
+def test_event_loader_gives_what_the_node_path_gives_or_hands_over(text: str) -> None:
+    by_events = _by_events(text)
+    if by_events is not desired._Fallback:
+        assert by_events == _by_nodes(text)
+        assert type(by_events) is type(_by_nodes(text))
+
+
+def test_event_loader_hands_over_what_it_must() -> None:
+    handed_over = [text for text in _EVENT_CASES if _by_events(text) is desired._Fallback]
+    assert handed_over == _EVENT_CASES[5:16]
+
+
+def test_event_loader_agrees_with_the_node_path_on_the_corpus_and_the_examples() -> None:
+    files = [*sorted((ROOT / "tests" / "bad_users").glob("*.yaml")), ROOT / "state" / "users.yaml"]
+    assert len(files) > 50
+    for path in files:
+        text = path.read_text("utf-8", errors="replace")
+        by_events = _by_events(text)
+        if by_events is not desired._Fallback:
+            assert by_events == _by_nodes(text), path.name
+
+
+@_FAST
+@given(document=st.deferred(lambda: _near_valid()))
+def test_event_loader_agrees_with_the_node_path_on_generated_documents(document: Any) -> None:
+    for style in (False, True):
+        text = yaml.safe_dump(document, default_flow_style=style, allow_unicode=True)
+        by_events = _by_events(text)
+        if by_events is not desired._Fallback:
+            assert by_events == _by_nodes(text)
+        elif "&" not in text:  # anchors (a list dumped twice) are handed over, and only they
+            assert _by_nodes(text) is desired._Fallback
