@@ -3,12 +3,17 @@ main() (no interpreter teardown), so its output must be flushed and its exit cod
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from support import SECRETS, at, iso, run, users_yaml
+
+from reconciler import desired as desired_module
 
 T0 = at("2027-01-01T00:00:00Z")
 
@@ -76,3 +81,29 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     assert len(head) == 100
     assert stderr == ""
     assert code == 141  # as a shell reports a command that SIGPIPE ended
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path, enabled: bool) -> None:
+    """main() runs with the cyclic collector off: callers in process get theirs back."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "users.yaml").write_text(users_yaml("  - name: alice\n"))
+    seen: list[bool] = []
+    original = desired_module.load_desired
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(desired_module, "load_desired", spy)
+            assert run(state, "validate").code == 0
+            assert run(state, "plan", now=T0).code == 0
+        assert seen == [False, False]  # off while the commands ran
+        assert gc.isenabled() is enabled
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
