@@ -53,18 +53,13 @@ def read_leaf_files(store: StateDir, directory: str, names: Sequence[str]) -> li
     """Read and hash every name's key and certificate file in one leaf directory."""
     found: list[LeafFile] = []
     fingerprint, search, check_key = pem.fingerprint, pem.PLAINTEXT_KEY.search, pem.key_problem
-    with store.reader(directory) as read:
-        for name in names:
-            key_data, key_mode = read(f"{name}.key")
-            key_problem, key_sha256 = check_key(key_data)
-            data, mode = read(f"{name}.crt")
-            if data is None:
-                found.append((name, key_problem, key_sha256, key_mode, None, None, False))
-                continue
-            holds_key = b"PRIVATE KEY" in data and search(data) is not None
-            found.append(
-                (name, key_problem, key_sha256, key_mode, fingerprint(data), mode, holds_key)
-            )
+    for name, key_data, key_mode, data, mode in store.read_pairs(directory, names):
+        key_problem, key_sha256 = check_key(key_data)
+        if data is None:
+            found.append((name, key_problem, key_sha256, key_mode, None, None, False))
+            continue
+        holds_key = b"PRIVATE KEY" in data and search(data) is not None
+        found.append((name, key_problem, key_sha256, key_mode, fingerprint(data), mode, holds_key))
     return found
 
 
@@ -240,10 +235,13 @@ class _Forked(Generic[T]):
     def __init__(self, work: Callable[[], T]) -> None:
         self._work = work
         self._pid: int | None = None
-        read_fd, write_fd = os.pipe()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError:  # out of descriptors: result() reads here
+            return
         try:
             pid = os.fork()
-        except OSError:
+        except OSError:  # out of processes or memory: result() reads here
             os.close(read_fd)
             os.close(write_fd)
             return

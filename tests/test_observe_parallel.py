@@ -213,3 +213,15 @@ def test_readers_that_list_different_names_fall_back_to_reading_here(
     assert len(forks) == 2
     assert here == [(0, 1)]  # the parent read everything itself, once
     assert observed == observe(StateDir(damaged), parallel=False)
+
+
+@pytest.mark.parametrize("failing", ["fork", "pipe"])
+def test_when_no_child_can_be_started_the_parent_reads(
+    damaged: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    def refuse() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    expected = observe(StateDir(damaged), parallel=False)
+    monkeypatch.setattr(os, failing, refuse)
+    assert observe(StateDir(damaged), parallel=True) == expected
