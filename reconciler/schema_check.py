@@ -20,17 +20,17 @@ def _is_integer(v: Any) -> bool:
     )
 
 
-_PATTERN_0 = re.compile(r"^[^\u0000-\u001f\u007f-\u009f]*$")
-_PATTERN_1 = re.compile("^[A-Z]{2}$")
-_PATTERN_2 = re.compile("^(rsa-[0-9]{1,5}|ecdsa-p(256|384)|ed25519)$")
-_PATTERN_3 = re.compile("^[1-9][0-9]{0,5}[dh]$")
-_PATTERN_4 = re.compile("^([1-9][0-9]{0,5}[dh]|[1-9][0-9]?%)$")
+_PATTERN_0 = re.compile(r"^[^\u0000-\u001f\u007f-\u009f]*(?!\n)$")
+_PATTERN_1 = re.compile(r"^[A-Z]{2}(?!\n)$")
+_PATTERN_2 = re.compile(r"^(rsa-[0-9]{1,5}|ecdsa-p(256|384)|ed25519)(?!\n)$")
+_PATTERN_3 = re.compile(r"^[1-9][0-9]{0,5}[dh](?!\n)$")
+_PATTERN_4 = re.compile(r"^([1-9][0-9]{0,5}[dh]|[1-9][0-9]?%)(?!\n)$")
 _PATTERN_5 = re.compile(
-    r"^(?!\.)[^/\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]+$"
+    r"^(?!\.)[^/\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]+(?!\n)$"
 )
-_PATTERN_6 = re.compile(r'^[^\u0000-\u001f\u007f\s",]+$')
+_PATTERN_6 = re.compile(r'^[^\u0000-\u001f\u007f\s",]+(?!\n)$')
 _PATTERN_7 = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z])?$"
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z])?(?!\n)$"
 )
 
 
