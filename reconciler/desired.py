@@ -146,6 +146,7 @@ class _Problems:
     line_source: Callable[[], dict[DocPath, int]]  # called only once a problem needs a line
     found: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     _lines: dict[DocPath, int] | None = None
+    _seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)  # found, for lookups
 
     @property
     def lines(self) -> dict[DocPath, int]:
@@ -162,7 +163,8 @@ class _Problems:
     def add(self, path: DocPath, message: str) -> None:
         line = self.line_of(path)
         entry = (line, f"{self.display}:{line}: {format_path(path)}: {message}")
-        if entry not in self.found:
+        if entry not in self._seen:  # a set: a file with thousands of problems stays linear
+            self._seen.add(entry)
             self.found.append(entry)
 
     def raise_if_any(self) -> None:
