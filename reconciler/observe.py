@@ -299,7 +299,7 @@ class Reading:
 
     def __init__(self, store: StateDir, *, parallel: bool | None = None) -> None:
         self.store = store
-        self.listing = store.scan(leaf_dirs=False)
+        self.listing = store.scan()
         cores = _cores()
         if parallel is None:
             parallel = cores > 1 and threading.active_count() == 1

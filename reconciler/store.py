@@ -108,14 +108,14 @@ class StateDir:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
-    def scan(self, *, leaf_dirs: bool = True) -> Listing:
-        """Every file and directory below the state directory, classified, with its mode.
-        leaf_dirs=False leaves out clients/ and servers/, which scan_leaf_dirs() lists."""
+    def scan(self) -> Listing:
+        """Every file and directory below the state directory but clients/ and servers/
+        (scan_leaf_dirs lists those), classified, with its mode."""
         listing = Listing()
         for directory, dirs, files in os.walk(self.root):
             where = Path(directory)
             relative_dir = "" if where == self.root else str(where.relative_to(self.root))
-            if not relative_dir and not leaf_dirs:
+            if not relative_dir:
                 dirs[:] = [d for d in dirs if d not in LEAF_DIRS]
             self._classify(listing, relative_dir, dirs, files)
         return listing
@@ -152,9 +152,10 @@ class StateDir:
             elif relative not in LOCAL_FILES:
                 listing.other_files.append(relative)
 
-    def leaf_names(self, kind: CertKind, listing: Listing | None = None) -> list[str]:
+    @staticmethod
+    def leaf_names(kind: CertKind, listing: Listing) -> list[str]:
         """Names that have a certificate or a key file; temporary files are not names."""
-        files = (listing or self.scan()).leaf_files.get(kind.directory, [])
+        files = listing.leaf_files.get(kind.directory, [])
         return sorted({file[:-4] for file in files})
 
     @contextlib.contextmanager
