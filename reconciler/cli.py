@@ -7,16 +7,14 @@ Exit codes: 0 success; 1 the user must act (one message on stderr); 2 `plan
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from reconciler import __version__, engine, render
+from reconciler import __version__, collector, engine, render
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import format_serial
 from reconciler.report import State, StatusRow
@@ -386,7 +384,7 @@ def main(
     stderr: TextIO | None = None,
 ) -> int:
     """Run one command; returns the exit code. Tests call this directly."""
-    with _no_collections():
+    with collector.paused(freeze=True):  # a command frees what it made when it ends
         return _main(argv, environ=environ, stdout=stdout, stderr=stderr)
 
 
@@ -407,24 +405,6 @@ def console() -> NoReturn:
     except OSError:  # a closed pipe: the reader is gone, as with `reconciler plan | head`
         code = code or EXIT_USER
     os._exit(code)
-
-
-@contextlib.contextmanager
-def _no_collections() -> Iterator[None]:
-    """One command makes a few objects per certificate and no reference cycles worth the
-    name, and frees what it made when it ends: the cyclic collector only scans a growing heap
-    for nothing (a sixth of a no-op over 10,000 names with the default thresholds). It is
-    off while a command runs, with the modules imported so far left out of any collection,
-    and back as it was afterwards. Reference counting frees everything else as usual."""
-    was_enabled = gc.isenabled()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-        gc.unfreeze()
 
 
 def _main(

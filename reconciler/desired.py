@@ -6,15 +6,13 @@ value kept) → JSON Schema (schema/users.schema.json) → semantic checks → D
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import gc
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from reconciler import schema_check
+from reconciler import collector, schema_check
 from reconciler.errors import DesiredStateError
 
 if TYPE_CHECKING:
@@ -98,20 +96,6 @@ _YAML_LOADER: Any = (
     if not _SAFE_LOADER.yaml_path_resolvers and None not in _SAFE_LOADER.yaml_implicit_resolvers
     else _SAFE_LOADER
 )
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector: parsing makes hundreds of thousands of objects and no
-    cycles, so each collection it triggers scans a growing heap for nothing (at 100,000 users
-    that made loading quadratic). Reference counting still frees everything as usual."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @functools.cache
@@ -989,7 +973,7 @@ class _SemanticChecker:
 
 def parse_desired(text: str, display: str = "users.yaml") -> Desired:
     """Validate users.yaml text; raise DesiredStateError listing every problem found."""
-    with _gc_paused():
+    with collector.paused():
         return _parse_desired(text, display)
 
 
