@@ -70,6 +70,17 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower().replace("-", "_")
 
 
+def _bounds(expression: str, low: Any, high: Any) -> list[str]:
+    """The condition that keeps expression within [low, high], either end optional."""
+    if low is not None and high is not None:
+        return [f"{int(low)} <= {expression} <= {int(high)}"]
+    if low is not None:
+        return [f"{expression} >= {int(low)}"]
+    if high is not None:
+        return [f"{expression} <= {int(high)}"]
+    return []
+
+
 def _literal(text: str) -> str:
     """A Python string literal for text, quoted as ruff format quotes it."""
     if "\\" in text and not text.endswith("\\") and "\n" not in text:
@@ -154,14 +165,7 @@ class _Generator:
         only (a string's length, say) holds for a value of any other type."""
         kind = node.get("type")
         terms = [] if kind is None else [_TYPE_TESTS[kind]]
-        string_terms = []
-        low, high = node.get("minLength"), node.get("maxLength")
-        if low is not None and high is not None:
-            string_terms.append(f"{int(low)} <= len(v) <= {int(high)}")
-        elif low is not None:
-            string_terms.append(f"len(v) >= {int(low)}")
-        elif high is not None:
-            string_terms.append(f"len(v) <= {int(high)}")
+        string_terms = _bounds("len(v)", node.get("minLength"), node.get("maxLength"))
         if "pattern" in node:
             string_terms.append(f"{self.pattern(node['pattern'])}.search(v) is not None")
         if string_terms and kind == "string":
@@ -170,13 +174,7 @@ class _Generator:
             terms.append(f"not isinstance(v, str) or {string_terms[0]}")
         elif string_terms:
             raise self.fail(where, "string keywords need type string beside them, or stand alone")
-        low, high = node.get("minimum"), node.get("maximum")
-        if low is not None and high is not None:
-            terms.append(f"{int(low)} <= v <= {int(high)}")
-        elif low is not None:
-            terms.append(f"v >= {int(low)}")
-        elif high is not None:
-            terms.append(f"v <= {int(high)}")
+        terms += _bounds("v", node.get("minimum"), node.get("maximum"))
         if "const" in node:
             const = node["const"]
             if isinstance(const, bool) or not isinstance(const, int | str):
