@@ -211,7 +211,7 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    plan = engine.plan_state(args.state, now)
+    plan = collector.keep("plan", engine.plan_state(args.state, now))
     out.write(
         render.plan_json(plan)
         if args.json
@@ -252,7 +252,7 @@ def _apply(
     out: TextIO,
     err: TextIO,
 ) -> int:
-    result = engine.run(
+    run = engine.run(
         args.state,
         now,
         _sources(args, environ),
@@ -262,6 +262,7 @@ def _apply(
         lock_timeout=args.lock_timeout,
         progress=_progress(args, err),
     )
+    result = collector.keep("run", run)
     report = result.applied
     for passphrase in report.bootstrapped:
         which = Which.CA if passphrase.origin.endswith(Which.CA.file_name) else Which.KEY
@@ -352,7 +353,7 @@ def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    rows = engine.status(args.state, now)
+    rows = collector.keep("status", engine.status(args.state, now))
     out.write(render.status_json(rows) if args.json else render.status_text(rows))
     if args.prometheus is not None:
         _write_prometheus(args.prometheus, rows, None)
@@ -393,6 +394,7 @@ def console() -> NoReturn:
     one by one at interpreter shutdown takes tenths of a second at 100,000 names, and nothing
     is left to do then: output is flushed, files are closed and renamed, locks go with the
     process, and GitPython's helper processes end when their pipes close."""
+    collector.keep_until_exit()
     try:
         code = main()
     except SystemExit as exc:  # argparse: --help, --version and usage errors

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler import collector
 from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import ActionKind, Desired, Observed, Plan
 from reconciler.observe import Reading
@@ -49,7 +50,8 @@ def snapshot(state_dir: Path) -> Snapshot:
         from reconciler.desired import load_desired
 
         desired = load_desired(store.users_yaml, display=str(store.users_yaml))
-        return Snapshot(store=store, desired=desired, observed=reading.observe())
+        snap = Snapshot(store=store, desired=desired, observed=reading.observe())
+        return collector.keep("snapshot", snap)
 
 
 def plan_state(state_dir: Path, now: datetime) -> Plan:

@@ -107,3 +107,39 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path, enable
         assert gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+KEEP_PROBE = """
+import gc, weakref
+from reconciler import collector
+
+class Value:
+    pass
+
+first, second, loose = Value(), Value(), Value()
+assert collector.keep("slot", loose) is loose
+probe = weakref.ref(loose)
+del loose
+assert probe() is None, "kept although keep_until_exit() was not called"
+
+collector.keep_until_exit()
+assert not gc.isenabled()
+kept_first, kept_second = weakref.ref(first), weakref.ref(second)
+assert collector.keep("slot", first) is first
+del first
+assert kept_first() is not None, "freed although kept until exit"
+collector.keep("slot", second)
+del second
+assert kept_first() is None, "a slot holds one value: the previous one is freed"
+assert kept_second() is not None
+print("ok")
+"""
+
+
+def test_keep_holds_values_until_exit_only_in_the_command() -> None:
+    """The command keeps what a run built (one value per slot) and never collects again; an
+    in-process caller of main() keeps nothing. Own interpreter: this changes the process."""
+    result = subprocess.run(
+        [sys.executable, "-c", KEEP_PROBE], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
