@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import operator
 import os
 import pickle
 import signal
@@ -47,6 +49,11 @@ LeafFile = tuple[str, str | None, str | None, int | None, str | None, int | None
 """What one name's two files say, as plain values (cheap to send between processes): name, key
 problem, key SHA-256, key mode, certificate fingerprint (None when it holds no PEM certificate),
 certificate mode (None when there is no certificate file), certificate holds a private key."""
+
+
+_LeafRead = tuple[Listing, tuple[tuple[int, int], ...], list[list[LeafFile]]]
+"""What a reader returns: its listing without the leaf names, their count and hash per leaf
+directory, and what the files of its share of the names say."""
 
 
 def read_leaf_files(store: StateDir, directory: str, names: Sequence[str]) -> list[LeafFile]:
@@ -304,7 +311,7 @@ class Reading:
         if parallel is None:
             parallel = cores > 1 and threading.active_count() == 1
         readers = min(max(cores, 2), MAX_READERS)
-        self._shards: list[_Forked[tuple[Listing, list[list[LeafFile]]]]] = (
+        self._shards: list[_Forked[_LeafRead]] = (
             [
                 _Forked(functools.partial(self._read_leaf_dirs, shard, readers))
                 for shard in range(readers)
@@ -313,34 +320,36 @@ class Reading:
             else []
         )
 
-    def _read_leaf_dirs(
-        self, shard: int = 0, readers: int = 1
-    ) -> tuple[Listing, list[list[LeafFile]]]:
-        """The leaf directories' listing, and what the files of one in every `readers` names
-        say, starting at the shard-th name."""
+    def _read_leaf_dirs(self, shard: int = 0, readers: int = 1) -> _LeafRead:
+        """The leaf directories' listing and what the files of the names whose hash is shard
+        modulo readers say, in name order. The forked readers share this process's string
+        hashes, so their shards do not overlap; the listing they return leaves out the names
+        themselves (the files carry them), keeping only their count and hash, by which the
+        parent checks that all readers listed the same names."""
         listing = self.store.scan_leaf_dirs()
-        files = [
-            read_leaf_files(
-                self.store, kind.directory, self.store.leaf_names(kind, listing)[shard::readers]
-            )
-            for kind in CertKind
-        ]
-        return listing, files
+        files: list[list[LeafFile]] = []
+        seen: list[tuple[int, int]] = []
+        for kind in CertKind:
+            names = listing.leaf_names.pop(kind.directory, set())
+            mine = names if readers == 1 else [n for n in names if hash(n) % readers == shard]
+            files.append(read_leaf_files(self.store, kind.directory, sorted(mine)))
+            seen.append((len(names), hash(frozenset(names))))
+        return listing, tuple(seen), files
 
     def _leaf_dirs(self) -> tuple[Listing, list[list[LeafFile]]]:
         if not self._shards:
-            return self._read_leaf_dirs()
+            listing, _, files = self._read_leaf_dirs()
+            return listing, files
         results = [shard.result() for shard in self._shards]
-        listing = results[0][0]
-        if any(other != listing for other, _ in results[1:]):
-            return self._read_leaf_dirs()  # names came or went while they listed: read here
-        files: list[list[LeafFile]] = []
-        for kind_index in range(len(CertKind)):
-            shards = [found[kind_index] for _, found in results]
-            merged: list[LeafFile] = [None] * sum(map(len, shards))  # type: ignore[list-item]
-            for shard, found in enumerate(shards):  # back into name order
-                merged[shard :: len(shards)] = found
-            files.append(merged)
+        listing, seen, _ = results[0]
+        if any((other, names) != (listing, seen) for other, names, _ in results[1:]):
+            listing, _, files = self._read_leaf_dirs()  # names came or went while they listed
+            return listing, files
+        by_name = operator.itemgetter(0)
+        files = [  # each shard is in name order: sorting their concatenation merges them
+            sorted(itertools.chain.from_iterable(found[i] for *_, found in results), key=by_name)
+            for i in range(len(CertKind))
+        ]
         return listing, files
 
     def __enter__(self) -> Reading:

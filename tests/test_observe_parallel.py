@@ -20,7 +20,7 @@ from reconciler.engine import plan_state, snapshot
 from reconciler.errors import DesiredStateError
 from reconciler.model import KeyType
 from reconciler.observe import Reading, _Forked, observe
-from reconciler.store import StateDir
+from reconciler.store import Listing, StateDir
 
 T = TypeVar("T")
 T0 = at("2027-01-01T00:00:00Z")
@@ -191,21 +191,31 @@ def _children() -> set[int]:
     return found
 
 
+@pytest.mark.parametrize("skew", ["a name", "another file"])
 def test_readers_that_list_different_names_fall_back_to_reading_here(
-    damaged: Path, forks: list[_Forked[object]], monkeypatch: pytest.MonkeyPatch
+    damaged: Path, forks: list[_Forked[object]], monkeypatch: pytest.MonkeyPatch, skew: str
 ) -> None:
-    """A name that appears between two readers' listings: their shards do not fit together,
+    """A file that appears between two readers' listings: their shards do not fit together,
     so the parent reads every file itself rather than merging them."""
     real = Reading._read_leaf_dirs
     here: list[tuple[int, int]] = []  # calls made in this process (a child's are its own)
 
     def skewed(self: Reading, shard: int = 0, readers: int = 1) -> object:
-        listing, files = real(self, shard, readers)
         if os.getpid() == parent:
             here.append((shard, readers))
-        elif shard == 1:  # the second reader saw one more file than the first
-            listing.other_files.append("clients/appeared-meanwhile")
-        return listing, files
+        elif shard == 1:  # the second reader sees one more file than the first
+            scan = self.store.scan_leaf_dirs
+
+            def scan_later() -> Listing:
+                listing = scan()
+                if skew == "a name":
+                    listing.leaf_names["clients"].add("appeared-meanwhile")
+                else:
+                    listing.other_files.append("clients/appeared-meanwhile")
+                return listing
+
+            setattr(self.store, "scan_leaf_dirs", scan_later)  # noqa: B010 (only in the child)
+        return real(self, shard, readers)
 
     parent = os.getpid()
     monkeypatch.setattr(Reading, "_read_leaf_dirs", skewed)
@@ -213,6 +223,20 @@ def test_readers_that_list_different_names_fall_back_to_reading_here(
     assert len(forks) == 2
     assert here == [(0, 1)]  # the parent read everything itself, once
     assert observed == observe(StateDir(damaged), parallel=False)
+    assert "appeared-meanwhile" not in {leaf.name for leaf in observed.leaves}
+
+
+def test_readers_split_the_names_between_them(damaged: Path) -> None:
+    """Each name is read by exactly one reader, and the parent gets them back in order."""
+    reading = Reading(StateDir(damaged), parallel=False)
+    shards = [reading._read_leaf_dirs(shard, 2) for shard in range(2)]
+    names = [[found[0] for found in files[0]] for _, _, files in shards]
+    assert names[0] == sorted(names[0])
+    assert names[1] == sorted(names[1])
+    assert not set(names[0]) & set(names[1])
+    assert sorted(names[0] + names[1]) == [*sorted(NAMES), "zoe"]
+    assert shards[0][1] == shards[1][1]  # the same listing, as count and hash
+    assert shards[0][0].leaf_names == {}  # the names travel with the files only
 
 
 @pytest.mark.parametrize("failing", ["fork", "pipe"])
