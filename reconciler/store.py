@@ -35,6 +35,7 @@ KEY_MODE = 0o600
 PUBLIC_MODE = 0o644
 DIR_MODE = 0o755
 LEDGER_FORMAT = 1
+NEWLINE = ord("\n")
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
 LEAF_DIRS = ("clients", "servers")
@@ -386,13 +387,21 @@ def decode_ledger(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
     """The ledger, the bytes its signature covers, and the signature (None when unsigned)."""
     signature: bytes | None = None
     signed = data
-    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    end = len(data)
+    while end and data[end - 1] == NEWLINE:  # not data.rstrip(): that copies megabytes
+        end -= 1
+    last_start = data.rfind(b"\n", 0, end) + 1
     last = data[last_start:].strip()
     if last.startswith(b'{"signature"'):
         record = json.loads(last)
         signature = base64.b64decode(record["signature"], validate=True)
         signed = data[:last_start]
-    lines = signed.decode("utf-8").splitlines()
+    # Lines end at "\n" only, as encode_ledger joins them: a subject may hold U+2028 or U+2029
+    # (written as escapes in users.yaml), which json.dumps(ensure_ascii=False) leaves as they
+    # are and str.splitlines() took for line ends. orjson checks each line's UTF-8.
+    lines = signed.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
     if not lines:
         raise ValueError("the file is empty")
     header = json.loads(lines[0])
@@ -428,7 +437,7 @@ _STATUSES = {status.value: status for status in CertStatus}
 _REASONS = {reason.value: reason for reason in RevocationReason}
 
 
-def _decode_lines(lines: list[str]) -> Iterator[LedgerEntry]:
+def _decode_lines(lines: list[bytes]) -> Iterator[LedgerEntry]:
     # one line at a time: each parsed dict is freed before the next, which keeps the peak
     # memory of a 100,000-entry ledger at the entries themselves
     seen: set[int] = set()

@@ -31,8 +31,8 @@ SERVERS = "  - name: db1.acme.example\n    dns: [pg.acme.example]\n    ip: [10.0
 
 
 def ledger(state: Path) -> list[dict[str, object]]:
-    lines = (state / "ledger.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines[1:-1]]  # no header, no signature
+    lines = (state / "ledger.jsonl").read_text().split("\n")  # its only line end
+    return [json.loads(line) for line in lines[1:-2]]  # no header, signature, final newline
 
 
 def serial_of(state: Path, ref: str) -> int:
@@ -386,3 +386,28 @@ def test_init_scaffolds_a_state_directory_that_validates_and_refuses_to_overwrit
     assert again.code == 1
     assert "already exists" in again.err
     assert (state / "users.yaml").read_text() == "version: 1\n"
+
+
+@pytest.mark.parametrize("separator", ["\\u2028", "\\u2029"])
+def test_a_subject_holding_a_unicode_line_separator_round_trips_through_the_ledger(
+    tmp_path: Path, separator: str
+) -> None:
+    """users.yaml may spell U+2028 or U+2029 as an escape inside double quotes; the
+    ledger keeps them unescaped on one line, and reading it back must not split that line
+    (it did: the next run found its own ledger unusable and blocked)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "users.yaml").write_text(
+        users_yaml("  - name: alice\n", subject_o=f'"Acme{separator}Corp"')
+    )
+    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    raw = (state / "ledger.jsonl").read_bytes()
+    value = json.loads(f'"{separator}"')
+    assert value.encode() in raw  # kept as it is, inside its line
+    again = run(state, "apply", "--no-commit", now=T0)
+    assert again.code == 0, again.err
+    assert again.out.startswith("Nothing to do")
+    organization = cert(state / "clients" / "alice.crt").subject.get_attributes_for_oid(
+        x509.NameOID.ORGANIZATION_NAME
+    )
+    assert organization[0].value == f"Acme{value}Corp"
