@@ -252,7 +252,7 @@ def _apply(
     out: TextIO,
     err: TextIO,
 ) -> int:
-    run = engine.run(
+    result = engine.run(
         args.state,
         now,
         _sources(args, environ),
@@ -262,7 +262,7 @@ def _apply(
         lock_timeout=args.lock_timeout,
         progress=_progress(args, err),
     )
-    result = collector.keep("run", run)
+    collector.keep("run", result)  # held until the command's os._exit, not freed on return
     report = result.applied
     for passphrase in report.bootstrapped:
         which = Which.CA if passphrase.origin.endswith(Which.CA.file_name) else Which.KEY

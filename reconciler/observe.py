@@ -294,15 +294,17 @@ class _Forked(Generic[T]):
 
 
 MAX_READERS = 4
-"""At most this many forked readers, each reading every n-th name; never more than cores."""
+"""At most this many forked readers, each reading its share of the names; never more than
+cores."""
 
 
 class Reading:
     """observe() in two steps, so that the caller can parse users.yaml meanwhile: on a machine
-    with more than one core, forked children list clients/ and servers/ and read and hash
-    every key and certificate file in them (nearly all of a no-op's system calls), one in
-    every n names each, while this process goes on. It forks only while this process runs a
-    single thread, so no child can inherit a lock another thread holds."""
+    with more than one core, forked children list clients/ and servers/ and read and hash the
+    key and certificate files in them (nearly all of a no-op's system calls), each child those
+    of the names whose hash falls in its share, while this process goes on. It forks only
+    while this process runs a single thread, so no child can inherit a lock another thread
+    holds."""
 
     def __init__(self, store: StateDir, *, parallel: bool | None = None) -> None:
         self.store = store
