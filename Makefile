@@ -9,7 +9,7 @@ WARN_DAYS       ?= 7
 PROMETHEUS_FILE ?=
 PROMETHEUS      := $(if $(PROMETHEUS_FILE),--prometheus $(PROMETHEUS_FILE))
 
-.PHONY: reconcile plan validate status renew test lint bench schema-check clean
+.PHONY: reconcile plan validate status renew export hba adopt test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ renew: $(VENV)/.runtime
 	$(RUN) apply --push $(PROMETHEUS) $(ARGS)
 	$(RUN) status --warn-days $(WARN_DAYS) $(PROMETHEUS)
 
+# Deploy files: make export NAME=cmdb LAYOUT=libpq OUT=~/.postgresql (ARGS="--force" to replace)
+export: $(VENV)/.runtime
+	$(RUN) export $(NAME) --layout $(LAYOUT) --out $(OUT) $(ARGS)
+
+hba: $(VENV)/.runtime ## the pg_hba.conf lines; ARGS="--check /etc/postgresql/15/main/pg_hba.conf"
+	$(RUN) hba $(ARGS)
+
+# Make this clone your team's state repository: from now on apply commits the CA, the
+# certificates, the CRL and the ledger (this project's own repository ignores them).
+adopt:
+	sed -i '/^# >>> reconciler project only/,/^# <<< reconciler project only/d' .gitignore
+	git add .gitignore
+	git commit --quiet -m "Adopt this repository as our state repository: commit issued files" -- .gitignore
+	@echo "Adopted: the next 'make reconcile' commits the state directory."
+
 test: $(VENV)/.dev ## the test suite
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -47,16 +62,8 @@ lint: $(VENV)/.dev ## ruff and mypy --strict
 	$(BIN)/ruff format --check reconciler tests bench
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev ## benchmarks of issue 6 (not part of test); ARGS="--quick" or "--with-100k"
+bench: $(VENV)/.dev ## benchmarks (not part of test); ARGS="--quick" or "--with-100k"
 	$(BIN)/python bench/bench.py $(ARGS)
-
-# reconciler/schema_check.py is generated from the schema and committed; a test fails when it is
-# stale. Run this after editing schema/users.schema.json.
-schema-check: reconciler/schema_check.py ## regenerate the validator made from the schema
-
-reconciler/schema_check.py: schema/users.schema.json reconciler/schema_codegen.py | $(VENV)/.runtime
-	$(BIN)/python -m reconciler.schema_codegen schema/users.schema.json > $@.tmp
-	mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,8 @@
 """The command line: parses arguments, reads the clock (here only), prints, maps exit codes.
 
 Exit codes: 0 success; 1 the user must act (one message on stderr); 2 `plan
---detailed-exitcode` found changes; 70 a bug (with a traceback, please report it).
+--detailed-exitcode` found changes; 70 a bug (with a traceback, please report it); 141 the
+reader of the output went away (`reconciler plan | head`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
-from reconciler import __version__, collector, engine, render
+from reconciler import __version__, engine, layout, render
+from reconciler import export as export_stage
+from reconciler import hba as hba_stage
+from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
-from reconciler.model import format_serial
-from reconciler.report import State, StatusRow
-from reconciler.secrets import SecretSources, Which
+from reconciler.model import Held, Standing, format_serial
+from reconciler.plan import plan as make_plan
+from reconciler.secrets import SecretSources, Which, default_secrets_dir
 from reconciler.store import atomic_write
-
-if TYPE_CHECKING:  # apply imports the cryptography package: only once the reader has forked
-    from reconciler.apply import Progress, ProgressFactory
 
 EXIT_OK, EXIT_USER, EXIT_CHANGES, EXIT_BUG = 0, 1, 2, 70
 EXIT_SIGPIPE = 141  # what a shell reports for a command killed by SIGPIPE, as git's
@@ -51,40 +52,62 @@ def _parse_now(text: str | None) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after its name. Below the top they default
+    to SUPPRESS, so that a value given before the command is not overwritten."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=default(None),
+        metavar="DIR",
+        help="the state directory holding users.yaml (default: state, or . when it holds "
+        "users.yaml)",
+    )
+    parser.add_argument(
+        "--now",
+        default=default(None),
+        metavar="ISO-8601",
+        help="pretend it is this time (tests, simulation, drills)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="no progress bar (there is one on a terminal during long runs)",
+    )
+    parser.add_argument(
+        "--secrets-dir",
+        type=Path,
+        default=default(None),
+        metavar="DIR",
+        help="where local passphrase files live (default: .secrets beside the state directory)",
+    )
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="reconciler",
         description="Reconcile PostgreSQL client and server certificates with state/users.yaml.",
     )
     parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
-    parser.add_argument(
-        "--state",
-        type=Path,
-        default=Path("state"),
-        metavar="DIR",
-        help="the state directory holding users.yaml (default: state)",
-    )
-    parser.add_argument(
-        "--now", metavar="ISO-8601", help="pretend it is this time (tests, simulation, drills)"
-    )
-    parser.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bar (there is one on a terminal during long runs)",
-    )
-    parser.add_argument(
-        "--secrets-dir",
-        type=Path,
-        metavar="DIR",
-        help="where local passphrase files live (default: .secrets beside the state directory)",
-    )
+    _common_options(parser, top=True)
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    commands.add_parser("init", help="scaffold a state directory with an example users.yaml")
-    commands.add_parser("validate", help="check users.yaml; needs no secret")
-    plan = commands.add_parser("plan", help="show what apply would do; needs no secret")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        _common_options(sub, top=False)
+        return sub
+
+    command("init", "scaffold a state directory with an example users.yaml")
+    command("validate", "check users.yaml; needs no secret")
+    plan = command("plan", "show what apply would do; needs no secret")
     form = plan.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print the plan as JSON")
     form.add_argument("--markdown", action="store_true", help="print the plan as Markdown")
@@ -94,9 +117,7 @@ def _build_parser() -> _Parser:
         help="exit 2 when there are changes, 0 when there are none",
     )
     for name in ("apply", "reconcile"):
-        apply = commands.add_parser(
-            name, help="carry out the plan" if name == "apply" else "alias of apply"
-        )
+        apply = command(name, "carry out the plan" if name == "apply" else "alias of apply")
         apply.add_argument(
             "--no-commit",
             action="store_true",
@@ -120,23 +141,16 @@ def _build_parser() -> _Parser:
             metavar="FILE",
             help="write a node_exporter textfile with expiries and this success",
         )
-        apply.add_argument(
-            "--ca-passphrase-file",
-            type=Path,
-            metavar="FILE",
-            help=f"read the CA passphrase from FILE instead of ${Which.CA.env}",
-        )
-        apply.add_argument(
-            "--key-passphrase-file",
-            type=Path,
-            metavar="FILE",
-            help=f"read the key passphrase from FILE instead of ${Which.KEY.env}",
-        )
-    export = commands.add_parser(
-        "export", help="write one certificate, its key, the CA and the CRL for PostgreSQL"
-    )
+        for which in Which:
+            apply.add_argument(
+                which.flag,
+                type=Path,
+                metavar="FILE",
+                help=f"read the {which.label} passphrase from FILE instead of ${which.env}",
+            )
+    export = command("export", "write one certificate, its key, the CA and the CRL for PostgreSQL")
     export.add_argument("name", help="the user (--layout libpq) or server (--layout server)")
-    export.add_argument("--layout", choices=["libpq", "server"], required=True)
+    export.add_argument("--layout", choices=sorted(export_stage.LAYOUTS), required=True)
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.add_argument(
         "--encrypted",
@@ -144,8 +158,8 @@ def _build_parser() -> _Parser:
         help="keep the key encrypted (libpq's sslpassword is then the key passphrase)",
     )
     export.add_argument("--force", action="store_true", help="replace files that differ")
-    export.add_argument("--key-passphrase-file", type=Path, metavar="FILE")
-    hba = commands.add_parser("hba", help="print the pg_hba.conf fragment, or check a file")
+    export.add_argument(Which.KEY.flag, type=Path, metavar="FILE")
+    hba = command("hba", "print the pg_hba.conf fragment, or check a file")
     hba.add_argument(
         "--check",
         type=Path,
@@ -155,7 +169,7 @@ def _build_parser() -> _Parser:
     hba.add_argument(
         "--strict", action="store_true", help="with --check, also fail on lines it cannot judge"
     )
-    status = commands.add_parser("status", help="what is on disk, with days left")
+    status = command("status", "what is on disk, with days left")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.add_argument(
         "--warn-days",
@@ -169,14 +183,30 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state, or the default: ./state, or the current directory when it holds users.yaml
+    (run inside a state directory) and ./state does not."""
+    if args.state is not None:
+        return Path(args.state)
+    here, default = Path("."), Path("state")
+    if (here / layout.USERS_YAML).is_file() and not (default / layout.USERS_YAML).exists():
+        return here
+    return default
+
+
 def _sources(args: argparse.Namespace, environ: Mapping[str, str]) -> SecretSources:
     files = {}
-    if getattr(args, "ca_passphrase_file", None) is not None:
-        files[Which.CA] = args.ca_passphrase_file
-    if getattr(args, "key_passphrase_file", None) is not None:
-        files[Which.KEY] = args.key_passphrase_file
-    secrets_dir = args.secrets_dir or args.state.absolute().parent / ".secrets"
+    for which in Which:
+        given = getattr(args, which.flag.removeprefix("--").replace("-", "_"), None)
+        if given is not None:
+            files[which] = given
+    secrets_dir = args.secrets_dir or default_secrets_dir(args.state)
     return SecretSources(secrets_dir=secrets_dir, environ=environ, files=files)
+
+
+def _say(err: TextIO, message: str) -> None:
+    err.write(f"reconciler: {message}\n")
+    err.flush()
 
 
 def _count(number: int, noun: str) -> str:
@@ -184,10 +214,10 @@ def _count(number: int, noun: str) -> str:
 
 
 def _init(args: argparse.Namespace, out: TextIO) -> int:
-    target = args.state / "users.yaml"
+    target = args.state / layout.USERS_YAML
     if target.exists():
         raise UsageError(f"{target} already exists; edit it, or choose another --state")
-    from importlib import resources  # 15 ms to import: only here
+    from importlib import resources
 
     example = resources.files("reconciler").joinpath("example-users.yaml").read_text("utf-8")
     args.state.mkdir(parents=True, exist_ok=True)
@@ -211,7 +241,7 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    plan = collector.keep("plan", engine.plan_state(args.state, now))
+    plan = engine.plan_state(args.state, now)
     out.write(
         render.plan_json(plan)
         if args.json
@@ -225,7 +255,7 @@ def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> 
     return EXIT_CHANGES if args.detailed_exitcode and plan.changes else EXIT_OK
 
 
-def _write_prometheus(path: Path, rows: Sequence[StatusRow], success: datetime | None) -> None:
+def _write_prometheus(path: Path, rows: Sequence[Held], success: datetime | None) -> None:
     last = success.timestamp() if success is not None else None
     if last is None and path.exists():
         last = render.last_success_in(path.read_text("utf-8", errors="replace"))
@@ -236,7 +266,7 @@ def _progress(args: argparse.Namespace, err: TextIO) -> ProgressFactory | None:
     """A tqdm bar on stderr (count, rate, ETA) when it is a terminal; none otherwise."""
     if args.quiet or not err.isatty():
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # only on a terminal
 
     def bar(total: int, what: str) -> Progress:
         # delay: runs that end within a second never show a bar
@@ -260,12 +290,15 @@ def _apply(
         push=args.push,
         environ=environ,
         lock_timeout=args.lock_timeout,
+        waiting=lambda: _say(
+            err,
+            f"another apply is running on {args.state}; waiting up to "
+            f"{args.lock_timeout:g} s for it to finish",
+        ),
         progress=_progress(args, err),
     )
-    collector.keep("run", result)  # held until the command's os._exit, not freed on return
     report = result.applied
-    for passphrase in report.bootstrapped:
-        which = Which.CA if passphrase.origin.endswith(Which.CA.file_name) else Which.KEY
+    for which, passphrase in report.bootstrapped:
         err.write(
             f"reconciler: generated a new {which.label} passphrase in {passphrase.origin} "
             f"(mode 0600). Store it in your CI secret store as {which.env} and in your "
@@ -286,8 +319,10 @@ def _apply(
         out.write(f"Committed {recorded.sha[:12]} ({len(recorded.paths)} paths).\n")
     if recorded is not None and recorded.ignored:
         out.write(
-            f"Not committed, because .gitignore matches them: {len(recorded.ignored)} paths "
-            f"(first: {recorded.ignored[0]}).\n"
+            f"Not committed: .gitignore keeps {len(recorded.ignored)} issued files out of git "
+            f"(first: {recorded.ignored[0]}). In a clone of the reconciler's own repository "
+            "that is on purpose; to make it your state repository, run `make adopt` "
+            "(docs/git.md#adopting-this-repository).\n"
         )
     if report.plan.changes and not args.no_commit and not result.in_git:
         out.write(f"{args.state} is not inside a git work tree: nothing committed.\n")
@@ -300,22 +335,21 @@ def _apply(
             "left to push. Certificates made in the discarded attempt were never committed.\n"
         )
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, engine.status(args.state, now), now)
+        _write_prometheus(args.prometheus, engine.plan_state(args.state, now).held, now)
     return EXIT_OK
 
 
 def _export(
     args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
-    from reconciler import export as export_stage
-
+    snap = engine.snapshot(args.state)
     sources = _sources(args, environ)
     result = export_stage.export(
-        args.state,
+        make_plan(snap.desired, snap.observed, now=now),
+        snap.store,
         args.name,
         args.layout,
         args.out,
-        now=now,
         key_passphrase=None if args.encrypted else sources.find(Which.KEY),
         encrypted=args.encrypted,
         force=args.force,
@@ -330,9 +364,7 @@ def _export(
 
 
 def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler import hba as hba_stage
-
-    desired = engine.snapshot(args.state).desired
+    desired = engine.validate(args.state)
     if args.check is None:
         out.write(hba_stage.fragment(desired))
         return EXIT_OK
@@ -352,27 +384,34 @@ def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+_WARN_STANDINGS = (
+    Standing.VALID,
+    Standing.EXPIRING,
+    Standing.EXPIRED,
+    Standing.UNUSABLE,
+    Standing.MISSING,
+)
+
+
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    rows = collector.keep("status", engine.status(args.state, now))
-    out.write(render.status_json(rows) if args.json else render.status_text(rows))
+    plan = engine.plan_state(args.state, now)
+    out.write(render.status_json(plan) if args.json else render.status_text(plan))
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, rows, None)
+        _write_prometheus(args.prometheus, plan.held, None)
     if args.warn_days is None:
         return EXIT_OK
-    soon = [
-        r
-        for r in rows
-        if r.state in (State.VALID, State.EXPIRING, State.EXPIRED, State.UNUSABLE, State.MISSING)
-        and r.kind in ("ca", "crl", "client", "server")
-        and (r.days_left is None or r.days_left < args.warn_days)
-    ]
+    soon = []
+    for row in plan.held:
+        days = render.days_left(row, now)
+        if row.standing in _WARN_STANDINGS and (days is None or days < args.warn_days):
+            soon.append(
+                f"{row.kind}/{row.name} ({row.standing}"
+                + (f", {days} days left)" if days is not None else ")")
+            )
     if soon:
-        names = ", ".join(
-            f"{r.kind}/{r.name} ({r.state}"
-            + (f", {r.days_left} days left)" if r.days_left is not None else ")")
-            for r in soon
+        err.write(
+            f"reconciler: within {args.warn_days} days: {', '.join(soon)}; run `make renew`.\n"
         )
-        err.write(f"reconciler: within {args.warn_days} days: {names}; run `make renew`.\n")
         return EXIT_USER
     return EXIT_OK
 
@@ -385,41 +424,11 @@ def main(
     stderr: TextIO | None = None,
 ) -> int:
     """Run one command; returns the exit code. Tests call this directly."""
-    with collector.paused(freeze=True):  # a command frees what it made when it ends
-        return _main(argv, environ=environ, stdout=stdout, stderr=stderr)
-
-
-def console() -> NoReturn:
-    """The `reconciler` command: main(), then exit at once. Freeing every object of the run
-    one by one at interpreter shutdown takes tenths of a second at 100,000 names, and nothing
-    is left to do then: output is flushed, files are closed and renamed, locks go with the
-    process, and GitPython's helper processes end when their pipes close."""
-    collector.keep_until_exit()
-    try:
-        code = main()
-    except SystemExit as exc:  # argparse: --help, --version and usage errors
-        if isinstance(exc.code, str):
-            sys.stderr.write(f"{exc.code}\n")
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a closed pipe: the reader is gone, as with `reconciler plan | head`
-        code = code or EXIT_USER
-    os._exit(code)
-
-
-def _main(
-    argv: Sequence[str] | None,
-    *,
-    environ: Mapping[str, str] | None,
-    stdout: TextIO | None,
-    stderr: TextIO | None,
-) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     env = os.environ if environ is None else environ
     try:
         args = _build_parser().parse_args(argv)
+        args.state = _state_dir(args)
         now = _parse_now(args.now)
         handlers: dict[str, Callable[[], int]] = {
             "init": lambda: _init(args, out),
@@ -448,3 +457,17 @@ def _main(
         traceback.print_exc(file=err)
         err.write("reconciler: this is a bug; please report it with the lines above.\n")
         return EXIT_BUG
+
+
+def console() -> NoReturn:
+    """The `reconciler` command: main(), with its output flushed before the exit code."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: --help, --version
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or EXIT_SIGPIPE
+    sys.exit(code)

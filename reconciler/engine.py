@@ -1,26 +1,22 @@
-"""Wire the stages together: load → observe → plan → apply. No printing, no clock."""
+"""Wire the stages together: load → observe → plan → apply → record. No printing, no clock."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from reconciler import collector
+from reconciler import apply as apply_stage
+from reconciler import record as record_stage
+from reconciler import render
+from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
-from reconciler.model import ActionKind, Desired, Observed, Plan
-from reconciler.observe import Reading
+from reconciler.model import CreateCa, Desired, Observed, Plan
+from reconciler.observe import observe
+from reconciler.plan import plan as make_plan
 from reconciler.secrets import Passphrase, SecretSources, Which
 from reconciler.store import LockTimeout, StateDir
-
-# The stages that import the cryptography package, PyYAML or GitPython are imported where they
-# are first used: by then observe's reader has forked, and reads the state while they load.
-if TYPE_CHECKING:
-    from reconciler import apply as apply_stage
-    from reconciler import record as record_stage
-    from reconciler.report import StatusRow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,38 +30,49 @@ class Snapshot:
 class ApplyReport:
     plan: Plan
     outcome: apply_stage.Outcome
-    bootstrapped: tuple[Passphrase, ...] = ()
+    bootstrapped: tuple[tuple[Which, Passphrase], ...] = ()
 
 
 def validate(state_dir: Path) -> Desired:
-    from reconciler.desired import load_desired
-
-    store = StateDir(state_dir)
-    return load_desired(store.users_yaml, display=str(store.users_yaml))
+    return load_desired(StateDir(state_dir))
 
 
 def snapshot(state_dir: Path) -> Snapshot:
     store = StateDir(state_dir)
-    with Reading(store) as reading:  # reads the key and certificate files meanwhile
-        from reconciler.desired import load_desired
-
-        desired = load_desired(store.users_yaml, display=str(store.users_yaml))
-        snap = Snapshot(store=store, desired=desired, observed=reading.observe())
-        return collector.keep("snapshot", snap)
+    desired = load_desired(store)
+    return Snapshot(store=store, desired=desired, observed=observe(store))
 
 
 def plan_state(state_dir: Path, now: datetime) -> Plan:
-    from reconciler.plan import plan as make_plan
-
     snap = snapshot(state_dir)
     return make_plan(snap.desired, snap.observed, now=now)
 
 
-def status(state_dir: Path, now: datetime) -> list[StatusRow]:
-    from reconciler.report import status_rows
-
-    snap = snapshot(state_dir)
-    return status_rows(snap.desired, snap.observed, now)
+def _passphrases(
+    plan: Plan, sources: SecretSources
+) -> tuple[Passphrase | None, Passphrase | None, list[tuple[Which, Passphrase]]]:
+    """The passphrases the plan needs; generated ones only when it creates the CA."""
+    if not plan.signs:
+        return None, None, []
+    if not any(isinstance(action, CreateCa) for action in plan.changes):
+        ca = sources.require(Which.CA, "this apply signs with the CA")
+        key = sources.require(Which.KEY, "this apply makes new keys") if plan.makes_keys else None
+        return ca, key, []
+    found_ca, found_key = sources.find(Which.CA), sources.find(Which.KEY)
+    if (found_ca is None or found_key is None) and sources.environ.get("CI") == "true":
+        raise SecretError(
+            "no passphrase is configured, and CI=true: passphrases generated on a CI "
+            "runner would be lost with it, leaving a CA nobody can unlock; set "
+            f"{Which.CA.env} and {Which.KEY.env} in the CI secret store (nothing was written)"
+        )
+    bootstrapped = []
+    if found_ca is None:
+        found_ca = sources.bootstrap(Which.CA)
+        bootstrapped.append((Which.CA, found_ca))
+    if found_key is None:
+        found_key = sources.bootstrap(Which.KEY)
+        bootstrapped.append((Which.KEY, found_key))
+    return found_ca, found_key, bootstrapped
 
 
 def reconcile(
@@ -75,49 +82,13 @@ def reconcile(
     progress: apply_stage.ProgressFactory | None = None,
 ) -> ApplyReport:
     """Plan and apply. Passphrases are generated only when a new CA is about to be created."""
-    snap = snapshot(state_dir)  # first: it forks the reader before the heavy imports
-    from reconciler import apply as apply_stage
-    from reconciler.plan import plan as make_plan
-
+    snap = snapshot(state_dir)
     plan = make_plan(snap.desired, snap.observed, now=now)
     if plan.blockers:
-        raise StateError(" ".join(f"{b}." if not b.endswith(".") else b for b in plan.blockers))
-    if not any(apply_stage.needs_ca(action) for action in plan.changes):
-        # nothing to sign: temporary files and modes need no passphrase
-        outcome = apply_stage.apply(
-            plan, snap.observed, snap.store, ca_passphrase=None, key_passphrase=None
-        )
-        return ApplyReport(plan=plan, outcome=outcome)
-    ca_passphrase, key_passphrase = sources.find(Which.CA), sources.find(Which.KEY)
-    bootstrapped: list[Passphrase] = []
-    if any(action.kind is ActionKind.CA for action in plan.actions):
-        if (ca_passphrase is None or key_passphrase is None) and sources.environ.get(
-            "CI"
-        ) == "true":
-            raise SecretError(
-                "no passphrase is configured, and CI=true: passphrases generated on a CI "
-                "runner would be lost with it, leaving a CA nobody can unlock; set "
-                f"{Which.CA.env} and {Which.KEY.env} in the CI secret store (nothing was written)"
-            )
-        if ca_passphrase is None:
-            ca_passphrase = sources.bootstrap(Which.CA)
-            bootstrapped.append(ca_passphrase)
-        if key_passphrase is None:
-            key_passphrase = sources.bootstrap(Which.KEY)
-            bootstrapped.append(key_passphrase)
-    elif ca_passphrase is None:
-        raise SecretError(
-            "the CA exists, so its passphrase is needed to sign: set "
-            f"{Which.CA.env} (or {Which.CA.flag}, or put it in "
-            f"{sources.secrets_dir / Which.CA.file_name}); nothing was written"
-        )
+        raise StateError(" ".join(b if b.endswith(".") else f"{b}." for b in plan.blockers))
+    ca, key, bootstrapped = _passphrases(plan, sources)
     outcome = apply_stage.apply(
-        plan,
-        snap.observed,
-        snap.store,
-        ca_passphrase=ca_passphrase,
-        key_passphrase=key_passphrase,
-        progress=progress,
+        plan, snap.observed, snap.store, ca_passphrase=ca, key_passphrase=key, progress=progress
     )
     return ApplyReport(plan=plan, outcome=outcome, bootstrapped=tuple(bootstrapped))
 
@@ -138,9 +109,6 @@ class RunReport:
 
 
 def _record(repo: record_stage.Repo, state_dir: Path, report: ApplyReport) -> record_stage.Recorded:
-    from reconciler import record as record_stage
-    from reconciler import render
-
     new_serials = dict(report.outcome.issued)
     return record_stage.record(
         repo,
@@ -165,10 +133,11 @@ def run(
     push: bool = False,
     environ: Mapping[str, str] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    waiting: Callable[[], None] = lambda: None,
     progress: apply_stage.ProgressFactory | None = None,
 ) -> RunReport:
     """apply, under the state directory's lock: reconcile, commit what changed when inside
-    git, and push with retries.
+    git, and push with retries. waiting() is called once if another apply holds the lock.
 
     When the push is rejected because the remote moved, the local commit is discarded (its
     certificates were never committed anywhere else nor distributed), the branch moves onto the
@@ -178,10 +147,10 @@ def run(
     if push and not commit:
         raise UsageError("--push and --no-commit contradict each other; drop one")
     store = StateDir(state_dir)
-    if not store.root.is_dir():
-        snapshot(state_dir)  # says what is wrong with the path
+    if not state_dir.is_dir():
+        validate(state_dir)  # says what is wrong with the path
     try:
-        with store.locked(lock_timeout):
+        with store.locked(lock_timeout, waiting):
             return _run_locked(state_dir, now, sources, commit, push, environ, progress)
     except LockTimeout:
         raise StateError(
@@ -199,11 +168,7 @@ def _run_locked(
     environ: Mapping[str, str] | None,
     progress: apply_stage.ProgressFactory | None,
 ) -> RunReport:
-    if not commit:  # GitPython costs a tenth of a second to import: only when committing
-        return RunReport(applied=reconcile(state_dir, now, sources, progress))
-    from reconciler import record as record_stage
-
-    repo = record_stage.find_repo(state_dir, environ)
+    repo = record_stage.find_repo(state_dir, environ) if commit else None
     if repo is not None:
         record_stage.clear_stale_locks(repo)
     if not push:

@@ -1,5 +1,5 @@
 """Export one certificate with its key, the CA and the CRL in the layout libpq or a PostgreSQL
-server expects. Reads the state directory; writes only into the output directory.
+server expects. Which certificate is usable is the plan's decision; this module only copies.
 
 libpq:  postgresql.crt, postgresql.key (0600), root.crt, root.crl
 server: server.crt (leaf, then any intermediates), server.key (0600), root.crt, root.crl
@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from datetime import datetime
 from pathlib import Path
 
-from reconciler import pki
+from reconciler import layout, pki
 from reconciler.errors import SecretError, StateError, UsageError
-from reconciler.model import CertKind, CertStatus, format_serial, format_time
-from reconciler.observe import observe
+from reconciler.model import (
+    CertKind,
+    Found,
+    Issue,
+    LeafRef,
+    Plan,
+    Reissue,
+    Renew,
+    Revoke,
+    Standing,
+    format_time,
+)
 from reconciler.secrets import Passphrase
-from reconciler.store import KEY_MODE, PUBLIC_MODE, StateDir, atomic_write
+from reconciler.store import StateDir, atomic_write
 
 LAYOUTS = {
     "libpq": (CertKind.CLIENT, "postgresql.crt", "postgresql.key"),
@@ -33,56 +42,64 @@ class Exported:
     warnings: tuple[str, ...]
 
 
+def _refusal_and_warnings(plan: Plan, ref: LeafRef, layout_name: str) -> list[str]:
+    """Warnings for the certificate in place; UsageError when there is none to export."""
+    if plan.blockers:
+        raise StateError(
+            f"the state is damaged ({plan.blockers[0]}); nothing is exported until "
+            "`reconciler plan` is no longer blocked"
+        )
+    action = next((a for a in plan.actions if a.subject == str(ref)), None)
+    rows = [row for row in plan.held if (row.kind, row.name) == (str(ref.kind), ref.name)]
+    if action is None:
+        if any(row.standing is Standing.REVOKED for row in rows):
+            raise UsageError(f"{ref} was revoked (it left users.yaml); there is nothing to export")
+        raise UsageError(
+            f"there is no {ref.kind} named {ref.name!r}; `reconciler status` lists them "
+            f"(--layout {layout_name} exports a {ref.kind} certificate)"
+        )
+    if isinstance(action, Revoke):
+        raise UsageError(f"{ref} left users.yaml and is being revoked; there is nothing to export")
+    if isinstance(action, Issue):
+        raise UsageError(
+            f"{ref} has no usable certificate on disk ({'; '.join(action.reasons)}); "
+            "run `reconciler apply`"
+        )
+    warnings = []
+    expired = next((row for row in rows if row.standing is Standing.EXPIRED), None)
+    if expired is not None and expired.not_after is not None:
+        warnings.append(
+            f"{ref} expired on {format_time(expired.not_after)}: PostgreSQL will refuse it; "
+            "run `reconciler apply` to renew it"
+        )
+    elif isinstance(action, Renew | Reissue):
+        warnings.append(
+            f"{ref} is due to be replaced ({'; '.join(action.reasons)}); run `reconciler apply`"
+        )
+    return warnings
+
+
 def export(
-    state_dir: Path,
+    plan: Plan,
+    store: StateDir,
     name: str,
-    layout: str,
+    layout_name: str,
     out_dir: Path,
     *,
-    now: datetime,
     key_passphrase: Passphrase | None,
     encrypted: bool = False,
     force: bool = False,
 ) -> Exported:
-    kind, cert_file, key_file = LAYOUTS[layout]
-    store = StateDir(state_dir)
-    observed = observe(store)
-    ref = f"{kind.value}/{name}"
-    entries = [e for e in observed.ledger.entries if e.ref == ref]
-    leaf = next((o for o in observed.leaves if o.ref == ref), None)
-    if leaf is None or leaf.cert is None:
-        if entries and all(e.status is CertStatus.REVOKED for e in entries):
-            raise UsageError(f"{ref} was revoked (it left users.yaml); there is nothing to export")
-        if entries:
-            raise UsageError(f"{ref} has no usable certificate on disk; run `reconciler apply`")
-        raise UsageError(
-            f"there is no {kind.value} named {name!r}; `reconciler status` lists "
-            f"them (--layout {layout} exports a {kind.value} certificate)"
-        )
-    cert = leaf.cert
-    entry = observed.ledger.by_serial().get(cert.serial)
-    if entry is not None and entry.status is CertStatus.REVOKED:
-        raise UsageError(
-            f"{ref} serial {format_serial(cert.serial)} is revoked; run "
-            "`reconciler apply` to issue a new one"
-        )
-    if entry is None or not cert.signed_by_ca or leaf.key.problem is not None:
-        raise StateError(
-            f"{ref} is not usable as it is on disk; `reconciler plan` says why, and "
-            "`reconciler apply` repairs it"
-        )
-    warnings = []
-    if cert.not_after <= now:
-        warnings.append(
-            f"{ref} expired on {format_time(cert.not_after)}: PostgreSQL will refuse "
-            "it; run `reconciler apply` to renew it"
-        )
-    crl = store.read(store.crl)
-    ca = store.read(store.ca_cert)
-    cert_pem = store.read(store.leaf_cert(kind, name))
-    key_pem = store.read(store.leaf_key(kind, name))
-    if crl is None or ca is None or cert_pem is None or key_pem is None:
+    kind, cert_file, key_file = LAYOUTS[layout_name]
+    ref = LeafRef(kind, name)
+    warnings = _refusal_and_warnings(plan, ref, layout_name)
+    reads = [
+        store.read(path)
+        for path in (layout.leaf_cert(ref), layout.leaf_key(ref), layout.CA_CERT, layout.CRL)
+    ]
+    if any(read.found is not Found.OK for read in reads):
         raise StateError("the state directory changed while exporting; run the command again")
+    cert_pem, key_pem, ca_pem, crl_pem = (read.data for read in reads)
     if not encrypted:
         if key_passphrase is None:
             raise SecretError(
@@ -95,14 +112,14 @@ def export(
         except (ValueError, TypeError):
             raise SecretError(
                 f"the key passphrase from {key_passphrase.origin} does not unlock "
-                f"{kind.directory}/{name}.key; nothing was written"
+                f"{layout.leaf_key(ref)}; nothing was written"
             ) from None
         key_pem = pki.unencrypted_key_pem(key)
     files = [
-        (out_dir / cert_file, cert_pem, PUBLIC_MODE),
-        (out_dir / key_file, key_pem, KEY_MODE),
-        (out_dir / "root.crt", ca, PUBLIC_MODE),
-        (out_dir / "root.crl", crl, PUBLIC_MODE),
+        (out_dir / cert_file, cert_pem, layout.PUBLIC_MODE),
+        (out_dir / key_file, key_pem, layout.KEY_MODE),
+        (out_dir / "root.crt", ca_pem, layout.PUBLIC_MODE),
+        (out_dir / "root.crl", crl_pem, layout.PUBLIC_MODE),
     ]
     unchanged = [path for path, data, _ in files if _same(path, data)]
     clashes = [path for path, _, _ in files if path.exists() and path not in unchanged]
@@ -111,8 +128,7 @@ def export(
             f"{clashes[0]} exists and differs; pass --force to replace "
             f"{'it' if len(clashes) == 1 else 'them'} (nothing was written)"
         )
-    if not out_dir.exists():
-        out_dir.mkdir(mode=OUT_DIR_MODE, parents=True)
+    out_dir.mkdir(mode=OUT_DIR_MODE, parents=True, exist_ok=True)
     written = []
     for path, data, mode in files:
         if path in unchanged:

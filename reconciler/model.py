@@ -1,6 +1,7 @@
 """Values that flow between the stages: the desired state, the observed state and the plan.
 
 Everything here is a frozen dataclass or an enum: stages hand each other facts, never handles.
+The plan is a tuple of typed actions (Issue, Renew, Revoke, …); apply dispatches on their type.
 """
 
 from __future__ import annotations
@@ -9,44 +10,9 @@ import dataclasses
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from fractions import Fraction
-from typing import TypeVar
-
-_T = TypeVar("_T")
-
-
-def quick_init(cls: type[_T]) -> type[_T]:
-    """Give a frozen, slotted dataclass an __init__ that stores each field through its slot's
-    descriptor. A frozen dataclass's own __init__ calls object.__setattr__ once per field (its
-    __setattr__ refuses); for the values made once per certificate on every run (ledger
-    entries, facts, actions) that was a tenth of a no-op. Same signature, same defaults, same
-    instance; it stays frozen, since assignment still goes through the refusing __setattr__."""
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    slots = getattr(cls, "__slots__", ())
-    if hasattr(cls, "__post_init__") or any(
-        not f.init or f.default_factory is not dataclasses.MISSING or f.name not in slots
-        for f in fields
-    ):
-        raise TypeError(f"quick_init cannot build {cls.__name__}")
-    namespace: dict[str, object] = {}
-    params, body = [], []
-    for f in fields:
-        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
-        if f.default is dataclasses.MISSING:
-            params.append(f.name)
-        else:
-            namespace[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-        body.append(f"    _set_{f.name}(self, {f.name})")
-    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n"
-    # generated from the class's own fields, as dataclasses does
-    exec(source, namespace)  # noqa: S102
-    init = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
-    setattr(cls, "__init__", init)  # noqa: B010 -- mypy refuses to assign a method
-    return cls
+from typing import ClassVar
 
 
 class KeyType(enum.StrEnum):
@@ -86,6 +52,17 @@ class RevocationReason(enum.StrEnum):
     CESSATION_OF_OPERATION = "cessationOfOperation"
 
 
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class LeafRef:
+    """A client or server certificate's name: "client/pgquartz", "server/db1.acme.example"."""
+
+    kind: CertKind
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
 # --------------------------------------------------------------------------- desired state
 
 
@@ -94,28 +71,21 @@ class RenewBefore:
     """The renewal window: a fixed duration, or a share of each certificate's lifetime."""
 
     duration: timedelta | None = None
-    share: Fraction | None = None
+    share: Fraction = Fraction(1, 3)
 
     def window(self, lifetime: timedelta) -> timedelta:
         if self.duration is not None:
             return self.duration
-        numerator, denominator = self._ratio
         seconds = lifetime.days * 86400 + lifetime.seconds
-        return timedelta(seconds=seconds * numerator // denominator)
-
-    @property
-    def _ratio(self) -> tuple[int, int]:
-        share = self.share if self.share is not None else Fraction(1, 3)
-        return share.numerator, share.denominator
+        return timedelta(seconds=seconds * self.share.numerator // self.share.denominator)
 
     def describe(self) -> str:
         if self.duration is not None:
             return describe_duration(self.duration)
-        share = self.share if self.share is not None else Fraction(1, 3)
-        return f"{float(share) * 100:.0f}% of the lifetime"
+        return f"{float(self.share) * 100:.0f}% of the lifetime"
 
 
-DEFAULT_RENEW_BEFORE = RenewBefore(share=Fraction(1, 3))
+DEFAULT_RENEW_BEFORE = RenewBefore()
 
 Subject = tuple[tuple[str, str], ...]
 """A distinguished name as (short attribute name, value) pairs, in certificate order."""
@@ -140,7 +110,6 @@ class CRLSpec:
     refresh_before: timedelta
 
 
-@quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class LeafSpec:
     """One certificate users.yaml asks for, with every default already applied."""
@@ -157,8 +126,8 @@ class LeafSpec:
     hba: tuple[HbaRule, ...] = ()
 
     @property
-    def ref(self) -> str:
-        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
+    def ref(self) -> LeafRef:
+        return LeafRef(self.kind, self.name)
 
     def spec_hash(self) -> str:
         """Hash of what the certificate's content depends on (not its validity or window)."""
@@ -181,22 +150,26 @@ class Desired:
     crl: CRLSpec
     leaves: tuple[LeafSpec, ...]
 
-    def by_ref(self) -> Mapping[str, LeafSpec]:
-        """Every leaf by "kind/name", for lookups in loops (a scan per lookup is quadratic)."""
-        return {spec.ref: spec for spec in self.leaves}
-
 
 # --------------------------------------------------------------------------- observed state
 
 
-@quick_init
+class Found(enum.StrEnum):
+    """What reading a file gave."""
+
+    OK = "ok"
+    MISSING = "missing"
+    UNREADABLE = "unreadable"  # a symbolic link, no permission, an I/O error: detail says which
+    UNUSABLE = "unusable"  # read, but not what it must be: detail says why
+    PLAINTEXT = "not encrypted"  # a key file holding an unencrypted private key
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CertFacts:
     """What a parsed certificate says, reduced to the facts planning needs."""
 
     serial: int
     subject: Subject
-    issuer: Subject
     dns: tuple[str, ...]
     ips: tuple[str, ...]
     key: str  # a KeyType value when supported, else a description such as "rsa-1024"
@@ -204,53 +177,45 @@ class CertFacts:
     not_after: datetime
     fingerprint: str  # SHA-256 of the DER encoding, hex
     signed_by_ca: bool  # the signature verifies with the current CA's public key
-    is_ca: bool
-
-    @property
-    def lifetime(self) -> timedelta:
-        return self.not_after - self.not_before
+    is_ca: bool = False
 
 
-@quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class KeyFacts:
     """What can be said of an encrypted key file without its passphrase."""
 
-    problem: str | None  # None when it is an encrypted PKCS#8 PEM
-    sha256: str | None
+    found: Found
+    sha256: str | None = None
+    detail: str = ""
 
 
-@quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObservedLeaf:
-    kind: CertKind
-    name: str
-    cert: CertFacts | None
-    cert_problem: str | None  # "missing" or "unusable: …" when cert is None
+    ref: LeafRef
+    cert: CertFacts | None  # None unless found is OK
+    found: Found  # of the certificate file
     key: KeyFacts
-
-    @property
-    def ref(self) -> str:
-        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
+    detail: str = ""  # why the certificate file is unreadable or unusable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObservedCA:
     cert: CertFacts | None
-    cert_problem: str | None  # "missing" or "unusable: …"
+    found: Found
     key: KeyFacts
+    detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObservedCRL:
-    problem: str | None  # "missing", "unusable: …", "not signed by the current CA"
-    number: int | None
-    this_update: datetime | None
-    next_update: datetime | None
-    serials: frozenset[int]
+    found: Found  # UNUSABLE with detail "not signed by the current CA" when it does not verify
+    detail: str = ""
+    number: int | None = None
+    this_update: datetime | None = None
+    next_update: datetime | None = None
+    serials: frozenset[int] = frozenset()
 
 
-@quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class LedgerEntry:
     serial: int
@@ -273,21 +238,19 @@ class LedgerEntry:
     ips: tuple[str, ...] = ()
 
     @property
-    def ref(self) -> str:
-        return f"{self.kind}/{self.name}"  # a StrEnum formats as its value, without .value
+    def ref(self) -> LeafRef:
+        return LeafRef(self.kind, self.name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ledger:
     entries: tuple[LedgerEntry, ...] = ()
     crl_number: int = 0
-    problem: str | None = None  # "missing", or "unusable: …" when the file could not be read
+    found: Found = Found.OK
+    detail: str = ""
     ca_fingerprint: str | None = None  # SHA-256 of the CA certificate it was written under
     ca_key_sha256: str | None = None  # SHA-256 of the encrypted CA key file
     signature_ok: bool | None = None  # its CA signature verifies; None: no CA to check with
-
-    def by_serial(self) -> Mapping[int, LedgerEntry]:
-        return {entry.serial: entry for entry in self.entries}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -296,8 +259,7 @@ class TempFile:
 
     path: str  # relative to the state directory
     cert: CertFacts | None
-    kind: CertKind | None
-    name: str | None
+    ref: LeafRef | None  # whose certificate or key it was about to become
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -309,12 +271,15 @@ class Observed:
     modes: tuple[tuple[str, int], ...] = ()  # managed path (relative) → permission bits
     temp_files: tuple[TempFile, ...] = ()
     plaintext_keys: tuple[str, ...] = ()  # files (relative) holding an unencrypted private key
+    unreadable: tuple[tuple[str, str], ...] = ()  # (path, why) of what could not be read
 
 
 # --------------------------------------------------------------------------- plan
 
 
 class ActionKind(enum.StrEnum):
+    """How an action is shown: the word in the plan's ACTION column and in its JSON."""
+
     CA = "ca"
     ISSUE = "issue"
     REISSUE = "reissue"
@@ -335,14 +300,6 @@ class Issuance:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CAIssuance:
-    spec: CASpec
-    not_before: datetime
-    not_after: datetime
-
-
-@quick_init
-@dataclasses.dataclass(frozen=True, slots=True)
 class Revocation:
     serial: int
     revoked_at: datetime
@@ -350,33 +307,157 @@ class Revocation:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CRLIssuance:
+class CreateCa:
+    """There is no usable CA yet: make one (a first apply, or an interrupted one)."""
+
+    kind: ClassVar[ActionKind] = ActionKind.CA
+    spec: CASpec
+    not_before: datetime
+    not_after: datetime
+    reasons: tuple[str, ...]
+
+    @property
+    def subject(self) -> str:
+        return "ca"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewCertificate:
+    """A new key and certificate for a name users.yaml lists (Issue, Reissue or Renew).
+
+    replaces is the serial of the certificate on disk, if any; supersede and revoke are what
+    becomes of the name's earlier certificates; adopt records certificates an interrupted
+    apply left on disk without a ledger entry."""
+
+    kind: ClassVar[ActionKind]
+    leaf: LeafRef
+    issuance: Issuance
+    reasons: tuple[str, ...]
+    replaces: int | None = None
+    supersede: tuple[int, ...] = ()
+    revoke: tuple[Revocation, ...] = ()
+    adopt: tuple[LedgerEntry, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Issue(NewCertificate):
+    """No usable certificate: missing, damaged, or not the one the ledger records."""
+
+    kind: ClassVar[ActionKind] = ActionKind.ISSUE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reissue(NewCertificate):
+    """The certificate no longer says what users.yaml asks (subject, SANs, key, generation)."""
+
+    kind: ClassVar[ActionKind] = ActionKind.REISSUE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Renew(NewCertificate):
+    """The certificate is inside its renewal window, or expired."""
+
+    kind: ClassVar[ActionKind] = ActionKind.RENEW
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revoke:
+    """The name left users.yaml: revoke every still-valid certificate, delete its files."""
+
+    kind: ClassVar[ActionKind] = ActionKind.REVOKE
+    leaf: LeafRef
+    revoke: tuple[Revocation, ...]
+    remove_files: bool
+    reasons: tuple[str, ...]
+    replaces: int | None = None  # the certificate on disk, if any
+    adopt: tuple[LedgerEntry, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetireGeneration:
+    """The name stays, but certificates of an older generation are still valid (a generation
+    bump that an interrupted apply did not finish): revoke them, keep the current one."""
+
+    kind: ClassVar[ActionKind] = ActionKind.REVOKE
+    leaf: LeafRef
+    revoke: tuple[Revocation, ...]
+    reasons: tuple[str, ...]
+    replaces: int | None = None  # the certificate on disk, which stays
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SignCrl:
+    kind: ClassVar[ActionKind] = ActionKind.CRL
     number: int
     this_update: datetime
     next_update: datetime
     revoked: tuple[Revocation, ...]
-
-
-@quick_init
-@dataclasses.dataclass(frozen=True, slots=True)
-class Action:
-    kind: ActionKind
-    subject: str  # "ca", "crl", "client/pgquartz", "server/db1.acme.example"
-    reasons: tuple[str, ...] = ()
-    serial: int | None = None  # the certificate in place now, if any
-    issue: Issuance | None = None
-    ca: CAIssuance | None = None
-    crl: CRLIssuance | None = None
-    supersede: tuple[int, ...] = ()
-    revoke: tuple[Revocation, ...] = ()
-    remove_files: bool = False  # the name's key and certificate (a removed name)
-    adopt: tuple[LedgerEntry, ...] = ()  # certificates on disk the ledger lacks: record them
-    remove_paths: tuple[str, ...] = ()  # other files to delete (temporary files), relative
-    chmod: tuple[tuple[str, int], ...] = ()  # (relative path, mode) to restore
+    reasons: tuple[str, ...]
 
     @property
-    def changes(self) -> bool:
-        return self.kind is not ActionKind.NOOP
+    def subject(self) -> str:
+        return "crl"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Repair:
+    """Temporary files an interrupted write left: record any certificate in them, remove them."""
+
+    kind: ClassVar[ActionKind] = ActionKind.REPAIR
+    remove: tuple[str, ...]  # relative paths
+    adopt: tuple[LedgerEntry, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def subject(self) -> str:
+        return "temporary files"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Noop:
+    kind: ClassVar[ActionKind] = ActionKind.NOOP
+    subject: str  # "ca", "crl", or a leaf such as "client/pgquartz"
+    reasons: tuple[str, ...]
+    replaces: int | None = None  # the certificate in place
+
+
+Action = CreateCa | Issue | Reissue | Renew | Revoke | RetireGeneration | SignCrl | Repair | Noop
+
+
+class Standing(enum.StrEnum):
+    """What plan makes of a certificate (or the CA, or the CRL) on disk: status shows it."""
+
+    VALID = "valid"
+    EXPIRING = "expiring"  # inside its renewal (or refresh) window
+    EXPIRED = "expired"
+    SUPERSEDED = "superseded"
+    REVOKED = "revoked"
+    UNUSABLE = "unusable"
+    MISSING = "missing"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Held:
+    """One row of `status`: the CA, the CRL, a certificate on disk, or one still out there."""
+
+    kind: str  # "ca", "crl", "client", "server"
+    name: str
+    serial: int | None  # the CRL's number for the CRL
+    not_after: datetime | None  # nextUpdate for the CRL
+    standing: Standing
+    detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -384,11 +465,14 @@ class Plan:
     now: datetime
     actions: tuple[Action, ...]
     blockers: tuple[str, ...] = ()  # problems apply refuses to repair on its own
-    housekeeping: tuple[Action, ...] = ()  # done by every apply, never a change (file modes)
+    modes: tuple[tuple[str, int, int], ...] = ()  # (path, mode, wanted): every apply fixes them
+    held: tuple[Held, ...] = ()  # what is on disk, as status shows it
+    signs: bool = False  # the changes need the CA key (and so the CA passphrase)
+    makes_keys: bool = False  # the changes make leaf keys (and so need the key passphrase)
 
     @property
     def changes(self) -> tuple[Action, ...]:
-        return tuple(action for action in self.actions if action.changes)
+        return tuple(action for action in self.actions if not isinstance(action, Noop))
 
     def counts(self) -> dict[ActionKind, int]:
         counts: dict[ActionKind, int] = {}

@@ -1,6 +1,4 @@
-"""PEM files looked at as bytes, without parsing them: what observe's hot loop and the commit
-guard need, importing nothing heavier than hashlib (observe forks its reader before the
-cryptography package is imported)."""
+"""PEM files looked at as bytes, without parsing them: what observe and the commit guard need."""
 
 from __future__ import annotations
 
@@ -8,42 +6,31 @@ import binascii
 import hashlib
 import re
 
+from reconciler.model import Found, KeyFacts
+
 PLAINTEXT_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH )?PRIVATE KEY-----")
 """The PEM header of an unencrypted private key, in any of the usual formats."""
 
-_ENCRYPTED_PEM = re.compile(
+_ENCRYPTED_KEY = re.compile(
     rb"\A\s*-----BEGIN ENCRYPTED PRIVATE KEY-----\r?\n([A-Za-z0-9+/=\r\n]+)"
     rb"-----END ENCRYPTED PRIVATE KEY-----\s*\Z"
 )
-_KEY_BEGIN = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"
-_KEY_END = b"-----END ENCRYPTED PRIVATE KEY-----\n"
-_BASE64_LINES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n"
 _CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _CERT_END = b"-----END CERTIFICATE-----"
 
 
-def _canonical_encrypted_key(data: bytes) -> bool:
-    """The PEM this tool writes, checked without a regular expression: the same answer as
-    _ENCRYPTED_PEM for such files, which is what every key file is on a no-op."""
-    body = data[len(_KEY_BEGIN) : -len(_KEY_END)]
-    return (
-        data.startswith(_KEY_BEGIN)
-        and data.endswith(_KEY_END)
-        and len(data) > len(_KEY_BEGIN) + len(_KEY_END)
-        and not body.translate(None, _BASE64_LINES)
-    )
+def holds_plaintext_key(data: bytes) -> bool:
+    return PLAINTEXT_KEY.search(data) is not None
 
 
-def key_problem(data: bytes | None) -> tuple[str | None, str | None]:
-    """(problem, SHA-256) of a key file's bytes; the problem is None for an encrypted key."""
-    if data is None:
-        return "missing", None
+def key_facts(data: bytes) -> KeyFacts:
+    """What a key file's bytes say: encrypted PKCS#8 (OK), a plaintext key, or something else."""
     digest = hashlib.sha256(data).hexdigest()
-    if _canonical_encrypted_key(data) or _ENCRYPTED_PEM.match(data):
-        return None, digest
-    if PLAINTEXT_KEY.search(data):
-        return "not encrypted", digest
-    return "unusable: not an encrypted PKCS#8 PEM key", digest
+    if _ENCRYPTED_KEY.match(data):
+        return KeyFacts(Found.OK, digest)
+    if holds_plaintext_key(data):
+        return KeyFacts(Found.PLAINTEXT, digest)
+    return KeyFacts(Found.UNUSABLE, digest, "not an encrypted PKCS#8 PEM key")
 
 
 def fingerprint(data: bytes) -> str | None:

@@ -324,7 +324,6 @@ def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) 
     return CertFacts(
         serial=cert.serial_number,
         subject=subject_of(cert.subject),
-        issuer=subject_of(cert.issuer),
         dns=dns,
         ips=ips,
         key=describe_key(cert.public_key()),

@@ -10,25 +10,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import git
 
+from reconciler import layout, secrets
 from reconciler.errors import ReconcilerError, StateError
-from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
-from reconciler.pem import PLAINTEXT_KEY
+from reconciler.model import (
+    Action,
+    CreateCa,
+    NewCertificate,
+    Plan,
+    RetireGeneration,
+    Revoke,
+    SignCrl,
+    format_serial,
+    format_time,
+)
+from reconciler.pem import holds_plaintext_key
 
 DEFAULT_NAME = "reconciler"
 DEFAULT_EMAIL = "reconciler@localhost"
-SECRETS_DIR_NAME = ".secrets"
-_PASSPHRASE_VARIABLES = (
-    "RECONCILER_CA_PASSPHRASE",
-    "RECONCILER_KEY_PASSPHRASE",
-    "RECONCILER_CA_PASSPHRASE_FILE",
-    "RECONCILER_KEY_PASSPHRASE_FILE",
-)
 
 
 Repo = git.Repo
@@ -67,16 +70,19 @@ def _serial(serial: int | None) -> str:
 
 def _action_line(action: Action, new_serials: Mapping[str, int]) -> str:
     reasons = "; ".join(action.reasons)
-    if action.kind is ActionKind.CRL and action.crl is not None:
-        return f"crl number {action.crl.number}: {reasons}"
-    if action.kind is ActionKind.CA:
-        return f"ca: {reasons}"
-    if action.kind is ActionKind.REVOKE:
-        serials = ", ".join(format_serial(r.serial) for r in action.revoke) or "none"
-        return f"revoke {action.subject} serial {serials}: {reasons}"
-    serial = _serial(new_serials.get(action.subject))
-    replaced = f" (replaces {_serial(action.serial)})" if action.serial is not None else ""
-    return f"{action.kind.value} {action.subject} serial {serial}{replaced}: {reasons}"
+    match action:
+        case SignCrl(number=number):
+            return f"crl number {number}: {reasons}"
+        case CreateCa():
+            return f"ca: {reasons}"
+        case Revoke(revoke=revoked) | RetireGeneration(revoke=revoked):
+            serials = ", ".join(format_serial(r.serial) for r in revoked) or "none"
+            return f"revoke {action.subject} serial {serials}: {reasons}"
+        case NewCertificate(replaces=replaces):
+            serial = _serial(new_serials.get(action.subject))
+            replaced = f" (replaces {_serial(replaces)})" if replaces is not None else ""
+            return f"{action.kind} {action.subject} serial {serial}{replaced}: {reasons}"
+    return f"{action.kind} {action.subject}: {reasons}"
 
 
 def commit_message(
@@ -121,7 +127,7 @@ def git_environment(repo: git.Repo, environ: Mapping[str, str]) -> dict[str, str
     that no hook or helper git starts can read them."""
     env = {name: value for name, value in environ.items() if name.startswith("GIT_")}
     env.update(_identity_env(repo, env))
-    env.update(dict.fromkeys(_PASSPHRASE_VARIABLES, ""))
+    env.update(dict.fromkeys(secrets.VARIABLES, ""))
     return env
 
 
@@ -140,23 +146,18 @@ def _ignored(repo: git.Repo, paths: Sequence[str]) -> set[str]:
 def guard(root: Path, paths: Iterable[str]) -> None:
     """Refuse to commit anything under .secrets/ or any file holding a plaintext private key."""
     for path in paths:
-        if SECRETS_DIR_NAME in PurePosixPath(path).parts:
+        if layout.SECRETS_DIR in PurePosixPath(path).parts:
             raise StateError(
-                f"refusing to commit {path}: nothing under {SECRETS_DIR_NAME}/ is "
+                f"refusing to commit {path}: nothing under {layout.SECRETS_DIR}/ is "
                 "ever committed; nothing was committed"
             )
         full = root / path
-        if full.is_file() and PLAINTEXT_KEY.search(full.read_bytes()):
+        if full.is_file() and holds_plaintext_key(full.read_bytes()):
             raise StateError(
                 f"refusing to commit {path}: it holds an unencrypted private key; "
                 "remove it (keys in the state directory are always encrypted); "
                 "nothing was committed"
             )
-
-
-_MANAGED = re.compile(
-    r"^(ca/(ca\.crt|ca\.key|crl\.pem)|(clients|servers)/[^/.][^/]*\.(crt|key)|ledger\.jsonl)$"
-)
 
 
 def _uncommitted_state(repo: git.Repo, prefix: str) -> list[str]:
@@ -166,7 +167,7 @@ def _uncommitted_state(repo: git.Repo, prefix: str) -> list[str]:
     for item in out.split("\0"):
         path = item[3:]
         relative = path[len(prefix) + 1 :] if prefix else path
-        if len(item) > 3 and _MANAGED.match(relative):
+        if len(item) > 3 and layout.is_managed(relative):
             found.append(path)
     return found
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from reconciler.model import Action, ActionKind, Plan, format_serial, format_time
-from reconciler.report import StatusRow
+from reconciler.model import (
+    Action,
+    ActionKind,
+    Held,
+    NewCertificate,
+    Noop,
+    Plan,
+    RetireGeneration,
+    Revoke,
+    format_serial,
+    format_time,
+)
 
 _PLAN_WORDS = {
     ActionKind.CA: "CA to create",
@@ -66,32 +78,57 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _in_place(action: Action) -> int | None:
+    """The serial of the certificate an action is about (the one in place now)."""
+    match action:
+        case NewCertificate(replaces=serial) | Revoke(replaces=serial):
+            return serial
+        case RetireGeneration(replaces=serial) | Noop(replaces=serial):
+            return serial
+    return None
+
+
+def housekeeping(plan: Plan) -> str | None:
+    """What every apply does without counting it as a change: restore file modes."""
+    if not plan.modes:
+        return None
+    shown = [f"{path} is {mode:04o}, should be {want:04o}" for path, mode, want in plan.modes[:5]]
+    if len(plan.modes) > 5:
+        shown.append(f"and {len(plan.modes) - 5} more")
+    count = len(plan.modes)
+    return "; ".join(
+        [f"{count} file mode{'s' if count > 1 else ''} to restore (git keeps no modes)", *shown]
+    )
+
+
 def plan_text(plan: Plan) -> str:
     rows = [
-        (a.kind.value, a.subject, _serial(a.serial), "; ".join(a.reasons)) for a in plan.actions
+        (a.kind.value, a.subject, _serial(_in_place(a)), "; ".join(a.reasons)) for a in plan.actions
     ]
     text = f"Plan at {format_time(plan.now)}: {summary(plan)}\n\n"
     text += _table(("ACTION", "SUBJECT", "SERIAL", "REASONS"), rows)
-    for chore in plan.housekeeping:
-        text += f"\n\nHousekeeping (every apply does it): {'; '.join(chore.reasons)}"
+    chore = housekeeping(plan)
+    if chore is not None:
+        text += f"\n\nHousekeeping (every apply does it): {chore}"
     for blocker in plan.blockers:
         text += f"\n\nBLOCKED: {blocker}"
     return text + "\n"
 
 
 def _action_json(action: Action) -> dict[str, Any]:
+    serial = _in_place(action)
     data: dict[str, Any] = {
         "kind": action.kind.value,
         "subject": action.subject,
-        "serial": _serial(action.serial, short=False) if action.serial is not None else None,
+        "serial": _serial(serial, short=False) if serial is not None else None,
         "reasons": list(action.reasons),
     }
-    if action.issue is not None:
-        data["not_after"] = format_time(action.issue.not_after)
-    if action.revoke:
+    if isinstance(action, NewCertificate):
+        data["not_after"] = format_time(action.issuance.not_after)
+        if action.supersede:
+            data["supersede"] = [format_serial(s) for s in action.supersede]
+    if isinstance(action, NewCertificate | Revoke | RetireGeneration) and action.revoke:
         data["revoke"] = [format_serial(r.serial) for r in action.revoke]
-    if action.supersede:
-        data["supersede"] = [format_serial(s) for s in action.supersede]
     return data
 
 
@@ -101,7 +138,7 @@ def plan_json(plan: Plan) -> str:
         "changes": len(plan.changes),
         "summary": summary(plan),
         "blockers": list(plan.blockers),
-        "housekeeping": ["; ".join(chore.reasons) for chore in plan.housekeeping],
+        "housekeeping": [chore] if (chore := housekeeping(plan)) else [],
         "actions": [_action_json(action) for action in plan.actions],
     }
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -115,11 +152,12 @@ def plan_markdown(plan: Plan) -> str:
     lines = [f"### Certificate plan: {summary(plan)}", ""]
     for blocker in plan.blockers:
         lines += [f"> **Blocked:** {_md(blocker)}", ""]
-    changes, unchanged = plan.changes, [a for a in plan.actions if not a.changes]
+    changes = plan.changes
+    unchanged = [a for a in plan.actions if isinstance(a, Noop)]
     if changes:
         lines += ["| Action | Subject | Serial | Reasons |", "|---|---|---|---|"]
         lines += [
-            f"| **{a.kind.value}** | `{_md(a.subject)}` | `{_serial(a.serial)}` | "
+            f"| **{a.kind.value}** | `{_md(a.subject)}` | `{_serial(_in_place(a))}` | "
             f"{_md('; '.join(a.reasons))} |"
             for a in changes
         ]
@@ -134,33 +172,40 @@ def plan_markdown(plan: Plan) -> str:
             "|---|---|---|",
         ]
         lines += [
-            f"| `{_md(a.subject)}` | `{_serial(a.serial)}` | {_md('; '.join(a.reasons))} |"
+            f"| `{_md(a.subject)}` | `{_serial(a.replaces)}` | {_md('; '.join(a.reasons))} |"
             for a in unchanged
         ]
         lines += ["", "</details>"]
-    for chore in plan.housekeeping:
-        lines += ["", f"Housekeeping: {_md('; '.join(chore.reasons))}"]
+    chore = housekeeping(plan)
+    if chore is not None:
+        lines += ["", f"Housekeeping: {_md(chore)}"]
     lines += ["", f"_Planned at {format_time(plan.now)}._"]
     return "\n".join(lines) + "\n"
 
 
-def status_text(rows: Sequence[StatusRow]) -> str:
+def days_left(row: Held, now: datetime) -> int | None:
+    if row.not_after is None:
+        return None
+    return math.floor((row.not_after - now) / timedelta(days=1))
+
+
+def status_text(plan: Plan) -> str:
     table = [
         (
             r.kind,
             r.name,
             f"#{r.serial}" if r.kind == "crl" and r.serial is not None else _serial(r.serial),
             format_time(r.not_after) if r.not_after else "-",
-            str(r.days_left) if r.days_left is not None else "-",
-            r.state.value,
+            str(days) if (days := days_left(r, plan.now)) is not None else "-",
+            r.standing.value,
             r.detail,
         )
-        for r in rows
+        for r in plan.held
     ]
     return _table(("KIND", "NAME", "SERIAL", "NOT AFTER", "DAYS", "STATE", "DETAIL"), table) + "\n"
 
 
-def status_json(rows: Sequence[StatusRow]) -> str:
+def status_json(plan: Plan) -> str:
     data = [
         {
             "kind": r.kind,
@@ -169,11 +214,11 @@ def status_json(rows: Sequence[StatusRow]) -> str:
             if r.serial is not None
             else None,
             "not_after": format_time(r.not_after) if r.not_after else None,
-            "days_left": r.days_left,
-            "state": r.state.value,
+            "days_left": days_left(r, plan.now),
+            "state": r.standing.value,
             "detail": r.detail,
         }
-        for r in rows
+        for r in plan.held
     ]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
@@ -193,11 +238,11 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus(rows: Sequence[StatusRow], last_success: float | None) -> str:
+def prometheus(rows: Sequence[Held], last_success: float | None) -> str:
     """node_exporter textfile: expiry per current certificate, CRL next update, last success."""
     samples: dict[str, list[str]] = {name: [] for name in _PROMETHEUS_HELP}
     for row in rows:
-        if row.not_after is None or row.state.value in ("superseded", "revoked"):
+        if row.not_after is None or row.standing.value in ("superseded", "revoked"):
             continue
         value = f"{row.not_after.timestamp():.0f}"
         if row.kind == "crl":
@@ -205,7 +250,7 @@ def prometheus(rows: Sequence[StatusRow], last_success: float | None) -> str:
             continue
         labels = (
             f'kind="{row.kind}",name="{_label(row.name)}",'
-            f'serial="{_serial(row.serial, short=False)}",state="{row.state.value}"'
+            f'serial="{_serial(row.serial, short=False)}",state="{row.standing.value}"'
         )
         samples["reconciler_certificate_expiry_timestamp_seconds"].append(f"{{{labels}}} {value}")
     if last_success is not None:

@@ -14,6 +14,7 @@ import secrets as _random
 from collections.abc import Mapping
 from pathlib import Path
 
+from reconciler import layout
 from reconciler.errors import SecretError
 
 MIN_LENGTH = 16
@@ -40,6 +41,15 @@ class Which(enum.Enum):
     @property
     def flag(self) -> str:
         return self.value[3]
+
+
+VARIABLES = tuple(name for which in Which for name in (which.env, f"{which.env}_FILE"))
+"""Every environment variable a passphrase can come from: git runs with them blanked."""
+
+
+def default_secrets_dir(state_dir: Path) -> Path:
+    """.secrets beside the state directory (never inside it: everything there is committed)."""
+    return state_dir.absolute().parent / layout.SECRETS_DIR
 
 
 class Passphrase:
@@ -80,6 +90,17 @@ class SecretSources:
         if local.exists():
             return _from_file(local, which, str(local))
         return None
+
+    def require(self, which: Which, why: str) -> Passphrase:
+        """The configured passphrase; a SecretError saying where to set it when there is none."""
+        found = self.find(which)
+        if found is None:
+            raise SecretError(
+                f"{why}, so the {which.label} passphrase is needed: set {which.env} (or "
+                f"{which.flag} FILE, or put it in {self.secrets_dir / which.file_name}); "
+                "nothing was written"
+            )
+        return found
 
     def bootstrap(self, which: Which) -> Passphrase:
         """Create a random passphrase in the secrets directory (0700), in a 0600 file."""

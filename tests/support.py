@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cryptography import x509
 
+from reconciler import ledger
 from reconciler.cli import main
+from reconciler.model import Ledger
 
 CA_PASSPHRASE = "correct horse battery staple CA"
 KEY_PASSPHRASE = "correct horse battery staple keys"
@@ -51,12 +53,19 @@ def run(
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    """Every file below root, by relative path, with its bytes."""
+    """Every file below root, by relative path, with its bytes (a link: where it points; a
+    pipe or other special file: what it is), without following links."""
     found = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
+    for directory, dirs, names in os.walk(root):
+        for name in [*names, *(d for d in dirs if (Path(directory) / d).is_symlink())]:
             path = Path(directory) / name
-            found[str(path.relative_to(root))] = path.read_bytes()
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                found[key] = b"link to " + os.readlink(path).encode()
+            elif path.is_file():
+                found[key] = path.read_bytes()
+            else:
+                found[key] = b"special file"
     return found
 
 
@@ -96,3 +105,8 @@ def users_yaml(
         .replace("users:\n  []", "users: []")
         .replace("servers:\n  []", "servers: []")
     )
+
+
+def ledger_of(state: Path) -> Ledger:
+    """The state directory's ledger, as the reconciler reads it."""
+    return ledger.decode((state / "ledger.jsonl").read_bytes())[0]

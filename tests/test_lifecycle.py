@@ -23,8 +23,7 @@ from support import (
     users_yaml,
 )
 
-from reconciler.store import StateDir
-
+ROOT = Path(__file__).resolve().parents[1]
 T0 = at("2027-01-01T00:00:00Z")
 USERS = "  - name: alice\n  - name: bob\n  - name: carol\n"
 SERVERS = "  - name: db1.acme.example\n    dns: [pg.acme.example]\n    ip: [10.0.6.188]\n"
@@ -340,13 +339,12 @@ def test_unusable_files_are_observed_and_repaired(state: Path) -> None:
 
 def test_atomic_writes_leave_no_temporary_files_and_set_modes(state: Path) -> None:
     assert run(state, "apply", "--no-commit", now=T0).code == 0
-    store = StateDir(state)
     for path in state.rglob("*"):
         assert not path.name.endswith(".tmp"), path
         if path.is_file() and path.name != "users.yaml":
             expected = 0o600 if path.suffix == ".key" else 0o644
             assert path.stat().st_mode & 0o777 == expected, path
-    assert store.ca_key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert (state / "ca/ca.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
 
 
 @pytest.mark.parametrize(
@@ -377,10 +375,15 @@ def test_init_scaffolds_a_state_directory_that_validates_and_refuses_to_overwrit
     state = tmp_path / "new-state"
     created = run(state, "init")
     assert created.code == 0, created.err
-    assert (state / "users.yaml").read_text().startswith("# The desired state")
+    example = (state / "users.yaml").read_text()
+    assert not (state / "users.yaml").is_symlink()
+    # a neutral example: not this team's live state (state/users.yaml of this repository)
+    assert example != (ROOT / "state" / "users.yaml").read_text()
+    assert "Acme" not in example
+    assert "example.com" in example
     validated = run(state, "validate")
     assert validated.code == 0, validated.err
-    assert "5 users, 1 server." in validated.out
+    assert "2 users, 1 server." in validated.out
     (state / "users.yaml").write_text("version: 1\n")
     again = run(state, "init")
     assert again.code == 1

@@ -23,6 +23,7 @@ from support import run
 from reconciler.desired import load_desired
 from reconciler.hba import fragment
 from reconciler.pem import PLAINTEXT_KEY
+from reconciler.store import StateDir
 
 NOW = datetime.now(UTC)  # PostgreSQL checks validity against the real clock
 T1 = NOW - timedelta(days=40)
@@ -171,7 +172,7 @@ def test_hba_check_predicts_what_postgresql_does(deployment: Deployment) -> None
         deployment.pg.write_hba(original)
         deployment.pg.reload()
     assert deployment.logs_in_as(deployment.export("alice"), "alice") == "alice"
-    fragment_text = fragment(load_desired(deployment.state / "users.yaml"))
+    fragment_text = fragment(load_desired(StateDir(deployment.state)))
     assert "hostssl postgres alice 127.0.0.1/32 cert" in fragment_text
 
 

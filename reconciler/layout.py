@@ -1,0 +1,72 @@
+"""The state directory's layout (DESIGN.md, "State directory"), written down once.
+
+store reads and writes these paths, record commits them, and cli names them; paths are relative
+to the state directory and use "/".
+"""
+
+from __future__ import annotations
+
+from reconciler.model import CertKind, LeafRef
+
+USERS_YAML = "users.yaml"
+CA_CERT = "ca/ca.crt"
+CA_KEY = "ca/ca.key"
+CRL = "ca/crl.pem"
+LEDGER = "ledger.jsonl"
+DIRECTORIES = ("ca", *(kind.directory for kind in CertKind))
+SECRETS_DIR = ".secrets"  # beside the state directory, never inside it; git-ignored
+
+KEY_MODE = 0o600
+PUBLIC_MODE = 0o644
+DIR_MODE = 0o755
+
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+
+
+def leaf_cert(ref: LeafRef) -> str:
+    return f"{ref.kind.directory}/{ref.name}.crt"
+
+
+def leaf_key(ref: LeafRef) -> str:
+    return f"{ref.kind.directory}/{ref.name}.key"
+
+
+def temp_path(relative: str) -> str:
+    """Where an atomic write of relative puts its bytes before the rename."""
+    directory, _, name = relative.rpartition("/")
+    temp = f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
+    return f"{directory}/{temp}" if directory else temp
+
+
+def is_temp(relative: str) -> bool:
+    name = relative.rpartition("/")[2]
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def leaf_of(relative: str) -> tuple[LeafRef, str] | None:
+    """The leaf and suffix (".crt" or ".key") of a leaf file, or of the temporary file an
+    atomic write of one leaves; None for any other path."""
+    directory, _, name = relative.rpartition("/")
+    if is_temp(relative):
+        name = name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
+    kind = next((kind for kind in CertKind if kind.directory == directory), None)
+    stem, dot, suffix = name.rpartition(".")
+    if kind is None or not dot or f".{suffix}" not in (".crt", ".key") or not stem:
+        return None
+    if stem.startswith(TEMP_PREFIX):
+        return None
+    return LeafRef(kind, stem), f".{suffix}"
+
+
+def is_managed(relative: str) -> bool:
+    """A file apply writes: the CA's files, the ledger, and leaf certificates and keys."""
+    return relative in (CA_CERT, CA_KEY, CRL, LEDGER) or (
+        not is_temp(relative) and leaf_of(relative) is not None
+    )
+
+
+def expected_mode(relative: str) -> int:
+    if relative in DIRECTORIES:
+        return DIR_MODE
+    return KEY_MODE if relative.endswith(".key") else PUBLIC_MODE
