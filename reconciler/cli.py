@@ -22,6 +22,7 @@ from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
 from reconciler.model import Held, Standing, format_serial
 from reconciler.plan import plan as make_plan
+from reconciler.plan import status as make_status
 from reconciler.secrets import SecretSources, Which, default_secrets_dir
 from reconciler.store import atomic_write
 
@@ -335,7 +336,7 @@ def _apply(
             "left to push. Certificates made in the discarded attempt were never committed.\n"
         )
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, engine.plan_state(args.state, now).held, now)
+        _write_prometheus(args.prometheus, engine.status(args.state, now), now)
     return EXIT_OK
 
 
@@ -346,6 +347,7 @@ def _export(
     sources = _sources(args, environ)
     result = export_stage.export(
         make_plan(snap.desired, snap.observed, now=now),
+        make_status(snap.desired, snap.observed, now=now),
         snap.store,
         args.name,
         args.layout,
@@ -394,14 +396,14 @@ _WARN_STANDINGS = (
 
 
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    plan = engine.plan_state(args.state, now)
-    out.write(render.status_json(plan) if args.json else render.status_text(plan))
+    rows = engine.status(args.state, now)
+    out.write(render.status_json(rows, now) if args.json else render.status_text(rows, now))
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, plan.held, None)
+        _write_prometheus(args.prometheus, rows, None)
     if args.warn_days is None:
         return EXIT_OK
     soon = []
-    for row in plan.held:
+    for row in rows:
         days = render.days_left(row, now)
         if row.standing in _WARN_STANDINGS and (days is None or days < args.warn_days):
             soon.append(

@@ -120,6 +120,8 @@ class _Problems:
 
     def clean(self, path: DocPath) -> bool:
         """No problem inside the value at path, nor at any value that holds it."""
+        if not self.broken:
+            return True
         return path not in self.touched and not any(
             path[:i] in self.broken for i in range(len(path))
         )
@@ -421,7 +423,7 @@ def role_name_problem(name: str) -> str | None:
         return f"the role name is {size} bytes of UTF-8, more than PostgreSQL's 63; shorten it"
     if "/" in name or name.startswith("."):
         return "a role name must not contain '/' or start with '.'; rename it"
-    for char in name:
+    for char in "" if name.isprintable() else name:  # printable: no Cc or Cf character
         if unicodedata.category(char) in {"Cc", "Cf"}:
             return (
                 f"the role name contains the control or format character U+{ord(char):04X}; "
@@ -497,6 +499,11 @@ class _Defaults:
     renew_path: DocPath | None  # where renew_before was written, if it was
     subject: dict[str, str]
     checked: bool  # the defaults section had no problem: windows can be judged against it
+
+    @functools.cached_property
+    def common_subject(self) -> Subject:
+        """The subject of an entry without its own, but for its CN (which comes last)."""
+        return _subject(self.subject, None)
 
 
 class _Checker:
@@ -649,7 +656,9 @@ class _Checker:
                     key=self.key(entry["key"], (*path, "key")) if "key" in entry else defaults.key,
                     validity=validity,
                     renew_before=renew,
-                    subject=_subject({**defaults.subject, **entry.get("subject", {})}, name),
+                    subject=_subject({**defaults.subject, **entry["subject"]}, name)
+                    if "subject" in entry
+                    else (*defaults.common_subject, ("CN", name)),
                     generation=int(entry.get("generation", 1)),
                     dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
                     ips=self._ips(entry, path),

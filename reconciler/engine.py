@@ -12,9 +12,10 @@ from reconciler import record as record_stage
 from reconciler import render
 from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
-from reconciler.model import CreateCa, Desired, Observed, Plan
+from reconciler.model import CreateCa, Desired, Held, Observed, Plan
 from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
+from reconciler.plan import status as make_status
 from reconciler.secrets import Passphrase, SecretSources, Which
 from reconciler.store import LockTimeout, StateDir
 
@@ -46,6 +47,11 @@ def snapshot(state_dir: Path) -> Snapshot:
 def plan_state(state_dir: Path, now: datetime) -> Plan:
     snap = snapshot(state_dir)
     return make_plan(snap.desired, snap.observed, now=now)
+
+
+def status(state_dir: Path, now: datetime) -> tuple[Held, ...]:
+    snap = snapshot(state_dir)
+    return make_status(snap.desired, snap.observed, now=now)
 
 
 def _passphrases(

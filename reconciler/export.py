@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler import layout, pki
@@ -16,6 +17,7 @@ from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import (
     CertKind,
     Found,
+    Held,
     Issue,
     LeafRef,
     Plan,
@@ -42,7 +44,9 @@ class Exported:
     warnings: tuple[str, ...]
 
 
-def _refusal_and_warnings(plan: Plan, ref: LeafRef, layout_name: str) -> list[str]:
+def _refusal_and_warnings(
+    plan: Plan, status: Sequence[Held], ref: LeafRef, layout_name: str
+) -> list[str]:
     """Warnings for the certificate in place; UsageError when there is none to export."""
     if plan.blockers:
         raise StateError(
@@ -50,7 +54,7 @@ def _refusal_and_warnings(plan: Plan, ref: LeafRef, layout_name: str) -> list[st
             "`reconciler plan` is no longer blocked"
         )
     action = next((a for a in plan.actions if a.subject == str(ref)), None)
-    rows = [row for row in plan.held if (row.kind, row.name) == (str(ref.kind), ref.name)]
+    rows = [row for row in status if (row.kind, row.name) == (str(ref.kind), ref.name)]
     if action is None:
         if any(row.standing is Standing.REVOKED for row in rows):
             raise UsageError(f"{ref} was revoked (it left users.yaml); there is nothing to export")
@@ -81,6 +85,7 @@ def _refusal_and_warnings(plan: Plan, ref: LeafRef, layout_name: str) -> list[st
 
 def export(
     plan: Plan,
+    status: Sequence[Held],
     store: StateDir,
     name: str,
     layout_name: str,
@@ -92,7 +97,7 @@ def export(
 ) -> Exported:
     kind, cert_file, key_file = LAYOUTS[layout_name]
     ref = LeafRef(kind, name)
-    warnings = _refusal_and_warnings(plan, ref, layout_name)
+    warnings = _refusal_and_warnings(plan, status, ref, layout_name)
     reads = [
         store.read(path)
         for path in (layout.leaf_cert(ref), layout.leaf_key(ref), layout.CA_CERT, layout.CRL)

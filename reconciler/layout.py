@@ -13,6 +13,7 @@ CA_CERT = "ca/ca.crt"
 CA_KEY = "ca/ca.key"
 CRL = "ca/crl.pem"
 LEDGER = "ledger.jsonl"
+MANAGED_FILES = (CA_CERT, CA_KEY, CRL, LEDGER)
 DIRECTORIES = ("ca", *(kind.directory for kind in CertKind))
 SECRETS_DIR = ".secrets"  # beside the state directory, never inside it; git-ignored
 
@@ -61,9 +62,7 @@ def leaf_of(relative: str) -> tuple[LeafRef, str] | None:
 
 def is_managed(relative: str) -> bool:
     """A file apply writes: the CA's files, the ledger, and leaf certificates and keys."""
-    return relative in (CA_CERT, CA_KEY, CRL, LEDGER) or (
-        not is_temp(relative) and leaf_of(relative) is not None
-    )
+    return relative in MANAGED_FILES or (not is_temp(relative) and leaf_of(relative) is not None)
 
 
 def expected_mode(relative: str) -> int:

@@ -19,7 +19,6 @@ from reconciler.model import (
     Ledger,
     LedgerEntry,
     RevocationReason,
-    Subject,
     format_serial,
     format_time,
 )
@@ -72,20 +71,19 @@ def encode(ledger: Ledger, sign: Callable[[bytes], bytes]) -> bytes:
 def decode(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
     """The ledger, the bytes its signature covers, and the signature (None when unsigned).
     Raises ValueError, saying which line, when the file is not a ledger."""
-    lines = data.split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    signature: bytes | None = None
-    if lines and lines[-1].startswith(b'{"signature"'):
+    body = data.rstrip(b"\n")
+    start = body.rfind(b"\n") + 1
+    signed, signature = data, None
+    if body[start:].startswith(b'{"signature"'):
+        signed = data[:start]
         try:
-            signature = base64.b64decode(json.loads(lines.pop())["signature"], validate=True)
+            signature = base64.b64decode(json.loads(body[start:])["signature"], validate=True)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"line {len(lines) + 1}: the signature line is broken ({exc})"
-            ) from None
-    signed = b"".join(line + b"\n" for line in lines)
-    if not lines:
-        raise ValueError("the file is empty")
+            raise ValueError(f"the signature line is broken ({exc})") from None
+    try:
+        lines = signed.decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"byte {exc.start} is not UTF-8") from None
     try:
         header = json.loads(lines[0])
     except ValueError:
@@ -111,15 +109,7 @@ def _time(text: str) -> datetime:
     return moment
 
 
-def _subject(value: object) -> Subject:
-    if not isinstance(value, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 for pair in value
-    ):
-        raise ValueError("subject is not a list of [attribute, value] pairs")
-    return tuple((str(attr), str(text)) for attr, text in value)
-
-
-def _entries(lines: list[bytes]) -> Iterator[LedgerEntry]:
+def _entries(lines: list[str]) -> Iterator[LedgerEntry]:
     seen: set[int] = set()
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -141,7 +131,9 @@ def _entries(lines: list[bytes]) -> Iterator[LedgerEntry]:
                 key_sha256=str(record["key_sha256"]),
                 revoked_at=_time(revoked_at) if revoked_at else None,
                 reason=RevocationReason(reason) if reason else None,
-                subject=_subject(record["subject"]) if "subject" in record else None,
+                subject=tuple((str(a), str(v)) for a, v in record["subject"])
+                if "subject" in record
+                else None,
                 dns=tuple(map(str, record.get("dns", ()))),
                 ips=tuple(map(str, record.get("ips", ()))),
             )

@@ -12,7 +12,7 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 from fractions import Fraction
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 
 class KeyType(enum.StrEnum):
@@ -52,9 +52,9 @@ class RevocationReason(enum.StrEnum):
     CESSATION_OF_OPERATION = "cessationOfOperation"
 
 
-@dataclasses.dataclass(frozen=True, slots=True, order=True)
-class LeafRef:
-    """A client or server certificate's name: "client/pgquartz", "server/db1.acme.example"."""
+class LeafRef(NamedTuple):
+    """A client or server certificate's name: "client/pgquartz", "server/db1.acme.example".
+    A tuple, so it sorts clients before servers and names in order."""
 
     kind: CertKind
     name: str
@@ -466,7 +466,6 @@ class Plan:
     actions: tuple[Action, ...]
     blockers: tuple[str, ...] = ()  # problems apply refuses to repair on its own
     modes: tuple[tuple[str, int, int], ...] = ()  # (path, mode, wanted): every apply fixes them
-    held: tuple[Held, ...] = ()  # what is on disk, as status shows it
     signs: bool = False  # the changes need the CA key (and so the CA passphrase)
     makes_keys: bool = False  # the changes make leaf keys (and so need the key passphrase)
 

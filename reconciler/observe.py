@@ -51,19 +51,30 @@ def _parse(data: bytes, ca_cert: x509.Certificate | None) -> CertFacts:
 
 
 class _Observer:
-    def __init__(self, store: StateDir) -> None:
+    def __init__(self, store: StateDir, modes: dict[str, int]) -> None:
         self.store = store
         self.plaintext: list[str] = []
+        self.modes = modes  # of every managed file read, and of the directories
 
-    def read(self, relative: str) -> FileRead:
-        """Read a file that must not hold a private key, noting it when it does."""
+    def read(self, relative: str, *, key: bool = False) -> FileRead:
+        """Read a file, noting its mode, and noting a private key where none belongs."""
         read = self.store.read(relative)
-        if read.found is Found.OK and pem.holds_plaintext_key(read.data):
-            self.plaintext.append(relative)
+        self.note(relative, read, key=key)
         return read
 
+    def note(self, relative: str, read: FileRead, *, key: bool = False) -> None:
+        if read.found is not Found.OK:
+            return
+        self.modes[relative] = read.mode
+        if not key:
+            self.check(relative, read.data)
+
+    def check(self, relative: str, data: bytes) -> None:
+        if pem.holds_plaintext_key(data):
+            self.plaintext.append(relative)
+
     def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
-        key = _key(self.store.read(layout.CA_KEY))
+        key = _key(self.read(layout.CA_KEY, key=True))
         read = self.read(layout.CA_CERT)
         if read.found is not Found.OK:
             return ObservedCA(None, read.found, key, read.detail), None
@@ -106,14 +117,18 @@ class _Observer:
             for name, key_read, cert_read in self.store.read_leaves(kind, names):
                 ref = LeafRef(kind, name)
                 key = _key(key_read)
+                self.note(layout.leaf_key(ref), key_read, key=True)
+                self.note(layout.leaf_cert(ref), cert_read)
                 if cert_read.found is not Found.OK:
                     leaves.append(ObservedLeaf(ref, None, cert_read.found, key, cert_read.detail))
                     continue
                 data = cert_read.data
-                if pem.holds_plaintext_key(data):
-                    self.plaintext.append(layout.leaf_cert(ref))
                 entry = known.get(pem.fingerprint(data) or "")
-                if entry is not None and entry.subject is not None and entry.ref == ref:
+                if (
+                    entry is not None
+                    and entry.subject is not None
+                    and (entry.kind, entry.name) == ref
+                ):
                     facts = CertFacts(
                         serial=entry.serial,
                         subject=entry.subject,
@@ -155,7 +170,8 @@ class _Observer:
         )
 
     def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:
-        data = self.read(relative).data
+        data = self.store.read(relative).data
+        self.check(relative, data)
         leaf = layout.leaf_of(relative)
         cert = None
         if leaf is not None and leaf[1] == ".crt":
@@ -169,7 +185,7 @@ class _Observer:
 def observe(store: StateDir) -> Observed:
     """Everything plan() needs to know about the state directory, read once."""
     listing = store.listing()
-    observer = _Observer(store)
+    observer = _Observer(store, dict(listing.dir_modes))
     ca, ca_cert = observer.ca()
     found_ledger = observer.ledger(ca_cert)
     known = (
@@ -181,13 +197,13 @@ def observe(store: StateDir) -> Observed:
     crl = observer.crl(ca_cert)
     temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
     for relative in [*listing.other_files, layout.USERS_YAML]:
-        observer.read(relative)
+        observer.check(relative, store.read(relative).data)
     return Observed(
         ca=ca,
         crl=crl,
         leaves=tuple(leaves),
         ledger=found_ledger,
-        modes=tuple(sorted(listing.modes.items())),
+        modes=tuple(sorted(observer.modes.items())),
         temp_files=temp_files,
         plaintext_keys=tuple(sorted(set(observer.plaintext))),
         unreadable=tuple(listing.unreadable),

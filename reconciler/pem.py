@@ -20,7 +20,7 @@ _CERT_END = b"-----END CERTIFICATE-----"
 
 
 def holds_plaintext_key(data: bytes) -> bool:
-    return PLAINTEXT_KEY.search(data) is not None
+    return b"PRIVATE KEY" in data and PLAINTEXT_KEY.search(data) is not None
 
 
 def key_facts(data: bytes) -> KeyFacts:

@@ -98,6 +98,7 @@ class _Context:
         for entry in observed.ledger.entries:
             self.entries[entry.ref].append(entry)
         self.by_serial = {entry.serial: entry for entry in observed.ledger.entries}
+        self.specs = {spec.ref: spec for spec in desired.leaves}
         self.blockers: list[str] = []
         self.new_ca = False
         ca_cert = observed.ca.cert
@@ -285,7 +286,7 @@ def _cannot_keep(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
         reasons.append(
             f"certificate differs from the ledger's record of serial {_short(cert.serial)}"
         )
-    elif entry.ref != leaf.ref:
+    elif (entry.kind, entry.name) != leaf.ref:
         reasons.append(f"serial {_short(cert.serial)} was issued to {entry.ref}")
     else:
         if leaf.key.found is Found.OK and entry.key_sha256 != leaf.key.sha256:
@@ -304,11 +305,11 @@ def _spec_changes(spec: LeafSpec, cert: CertFacts, entry: LedgerEntry) -> list[s
         reasons.append(f"subject changed: {_dn(cert.subject)} → {_dn(spec.subject)}")
     if cert.key != spec.key:
         reasons.append(f"key type changed: {cert.key} → {spec.key}")
-    if {d.lower() for d in cert.dns} != set(spec.dns):
+    if cert.dns != spec.dns and {d.lower() for d in cert.dns} != set(spec.dns):
         reasons.append(
             f"DNS names changed: {', '.join(cert.dns) or 'none'} → {', '.join(spec.dns) or 'none'}"
         )
-    if set(cert.ips) != set(spec.ips):
+    if cert.ips != spec.ips and set(cert.ips) != set(spec.ips):
         reasons.append(
             f"IP addresses changed: {', '.join(cert.ips) or 'none'} → "
             f"{', '.join(spec.ips) or 'none'}"
@@ -325,8 +326,7 @@ def renewal_window(spec: LeafSpec, cert: CertFacts) -> timedelta:
     return spec.renew_before.window(cert.not_after - cert.not_before)
 
 
-def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
-    ref = spec.ref
+def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
     if leaf is not None and Found.UNREADABLE in (leaf.found, leaf.key.found):
         bad = layout.leaf_cert(ref) if leaf.found is Found.UNREADABLE else layout.leaf_key(ref)
         ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
@@ -338,15 +338,14 @@ def _plan_leaf(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Acti
     # Every still-valid certificate of another generation is revoked, whatever else happens:
     # a generation bump is a promise that the old keys stop working, and it must survive an
     # apply that was interrupted after the new certificate reached the disk.
-    old_generation = tuple(
-        ctx.revocation(e.serial, RevocationReason.SUPERSEDED)
-        for e in entries
-        if _live(e, ctx.now) and e.generation not in (0, spec.generation)
-    )
-    old_serials = {r.serial for r in old_generation}
-    supersede = tuple(
-        e.serial for e in entries if e.status is CertStatus.VALID and e.serial not in old_serials
-    )
+    old: list[Revocation] = []
+    valid: list[int] = []
+    for e in entries:
+        if e.generation not in (0, spec.generation) and _live(e, ctx.now):
+            old.append(ctx.revocation(e.serial, RevocationReason.SUPERSEDED))
+        elif e.status is CertStatus.VALID:
+            valid.append(e.serial)
+    old_generation, supersede = tuple(old), tuple(valid)
     old_reason = (
         (
             f"generation is {spec.generation}: revoke the older generation's "
@@ -530,104 +529,6 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
     )
 
 
-# --------------------------------------------------------------------------- status rows
-
-
-def _dated(
-    kind: str, name: str, serial: int | None, not_after: datetime, window: timedelta, now: datetime
-) -> Held:
-    if not_after <= now:
-        standing = Standing.EXPIRED
-    elif not_after - window <= now:
-        standing = Standing.EXPIRING
-    else:
-        standing = Standing.VALID
-    return Held(kind, name, serial, not_after, standing)
-
-
-def _held(ctx: _Context) -> tuple[Held, ...]:
-    """One row for the CA, the CRL, each certificate on disk, and each superseded or revoked
-    certificate that has not expired: what `status` shows."""
-    observed, now, rows = ctx.observed, ctx.now, []
-    ca = observed.ca
-    if ca.cert is None or ca.found is not Found.OK:
-        standing = Standing.MISSING if ca.found is Found.MISSING else Standing.UNUSABLE
-        rows.append(Held("ca", "ca", None, None, standing, ca.detail))
-    else:
-        # expiring: a leaf issued now would be cut short by the CA's end
-        longest = max((spec.validity for spec in ctx.desired.leaves), default=timedelta(days=365))
-        row = _dated(
-            "ca",
-            dict(ca.cert.subject).get("CN", "ca"),
-            ca.cert.serial,
-            ca.cert.not_after,
-            longest,
-            now,
-        )
-        detail = "" if ca.key.found is Found.OK else f"ca.key {ca.key.found}"
-        rows.append(dataclasses.replace(row, detail=detail))
-    crl = observed.crl
-    if crl.next_update is None:
-        standing = Standing.MISSING if crl.found is Found.MISSING else Standing.UNUSABLE
-        rows.append(Held("crl", "crl", None, None, standing, crl.detail))
-    else:
-        row = _dated("crl", "crl", crl.number, crl.next_update, ctx.desired.crl.refresh_before, now)
-        if crl.found is Found.OK:
-            rows.append(dataclasses.replace(row, detail=f"{len(crl.serials)} revoked"))
-        else:
-            rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=crl.detail))
-    specs = {spec.ref: spec for spec in ctx.desired.leaves}
-    on_disk = set()
-    for leaf in observed.leaves:
-        kind, name = str(leaf.ref.kind), leaf.ref.name
-        if leaf.cert is None:
-            standing = Standing.MISSING if leaf.found is Found.MISSING else Standing.UNUSABLE
-            detail = f"certificate {leaf.found}" + (f": {leaf.detail}" if leaf.detail else "")
-            rows.append(Held(kind, name, None, None, standing, detail))
-            continue
-        cert = leaf.cert
-        on_disk.add(cert.serial)
-        spec = specs.get(leaf.ref)
-        renew_before = spec.renew_before if spec is not None else DEFAULT_RENEW_BEFORE
-        row = _dated(
-            kind,
-            name,
-            cert.serial,
-            cert.not_after,
-            renew_before.window(cert.not_after - cert.not_before),
-            now,
-        )
-        entry = ctx.by_serial.get(cert.serial)
-        if leaf.key.found is not Found.OK:
-            row = dataclasses.replace(
-                row, standing=Standing.UNUSABLE, detail=f"key {leaf.key.found}"
-            )
-        elif not cert.signed_by_ca:
-            row = dataclasses.replace(
-                row, standing=Standing.UNUSABLE, detail="not signed by the current CA"
-            )
-        elif entry is None or entry.fingerprint != cert.fingerprint:
-            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail="not in the ledger")
-        elif entry.status is CertStatus.REVOKED:
-            row = dataclasses.replace(row, standing=Standing.REVOKED)
-        rows.append(row)
-    for entry in observed.ledger.entries:
-        if entry.serial in on_disk or entry.not_after <= now or entry.status is CertStatus.VALID:
-            continue  # a valid one whose file is gone: the plan says what happens next
-        standing = Standing.REVOKED if entry.status is CertStatus.REVOKED else Standing.SUPERSEDED
-        rows.append(
-            Held(
-                str(entry.kind),
-                entry.name,
-                entry.serial,
-                entry.not_after,
-                standing,
-                entry.reason.value if entry.reason else "",
-            )
-        )
-    return tuple(rows)
-
-
 # --------------------------------------------------------------------------- plan
 
 
@@ -653,7 +554,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         )
     actions: list[Action] = [_plan_ca(ctx)]
     leaves = {leaf.ref: leaf for leaf in observed.leaves}
-    specs = {spec.ref: spec for spec in desired.leaves}
+    specs = ctx.specs
     removed = {ref for ref in leaves if ref not in specs} | {
         ref
         for ref, entries in ctx.entries.items()
@@ -662,7 +563,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     for ref in sorted([*specs, *removed]):
         spec = specs.get(ref)
         actions.append(
-            _plan_leaf(ctx, spec, leaves.get(ref))
+            _plan_leaf(ctx, ref, spec, leaves.get(ref))
             if spec is not None
             else _plan_removal(ctx, ref, leaves.get(ref))
         )
@@ -693,7 +594,105 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         actions=tuple(actions),
         blockers=tuple(ctx.blockers),
         modes=modes,
-        held=_held(ctx),
         signs=any(not isinstance(a, Repair) or a.adopt for a in changes),
         makes_keys=any(isinstance(a, NewCertificate) for a in changes),
     )
+
+
+# --------------------------------------------------------------------------- status rows
+
+
+def _dated(
+    kind: str, name: str, serial: int | None, not_after: datetime, window: timedelta, now: datetime
+) -> Held:
+    if not_after <= now:
+        standing = Standing.EXPIRED
+    elif not_after - window <= now:
+        standing = Standing.EXPIRING
+    else:
+        standing = Standing.VALID
+    return Held(kind, name, serial, not_after, standing)
+
+
+def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held, ...]:
+    """What `status` shows, as plan judges it: one row for the CA, the CRL, each certificate
+    on disk, and each superseded or revoked certificate that has not expired. Pure."""
+    rows: list[Held] = []
+    ca = observed.ca
+    if ca.cert is None or ca.found is not Found.OK:
+        standing = Standing.MISSING if ca.found is Found.MISSING else Standing.UNUSABLE
+        rows.append(Held("ca", "ca", None, None, standing, ca.detail))
+    else:
+        # expiring: a leaf issued now would be cut short by the CA's end
+        longest = max((spec.validity for spec in desired.leaves), default=timedelta(days=365))
+        row = _dated(
+            "ca",
+            dict(ca.cert.subject).get("CN", "ca"),
+            ca.cert.serial,
+            ca.cert.not_after,
+            longest,
+            now,
+        )
+        detail = "" if ca.key.found is Found.OK else f"ca.key {ca.key.found}"
+        rows.append(dataclasses.replace(row, detail=detail))
+    crl = observed.crl
+    if crl.next_update is None:
+        standing = Standing.MISSING if crl.found is Found.MISSING else Standing.UNUSABLE
+        rows.append(Held("crl", "crl", None, None, standing, crl.detail))
+    else:
+        row = _dated("crl", "crl", crl.number, crl.next_update, desired.crl.refresh_before, now)
+        if crl.found is Found.OK:
+            rows.append(dataclasses.replace(row, detail=f"{len(crl.serials)} revoked"))
+        else:
+            rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=crl.detail))
+    specs = {spec.ref: spec for spec in desired.leaves}
+    by_serial = {entry.serial: entry for entry in observed.ledger.entries}
+    on_disk = set()
+    for leaf in observed.leaves:
+        kind, name = str(leaf.ref.kind), leaf.ref.name
+        if leaf.cert is None:
+            standing = Standing.MISSING if leaf.found is Found.MISSING else Standing.UNUSABLE
+            detail = f"certificate {leaf.found}" + (f": {leaf.detail}" if leaf.detail else "")
+            rows.append(Held(kind, name, None, None, standing, detail))
+            continue
+        cert = leaf.cert
+        on_disk.add(cert.serial)
+        spec = specs.get(leaf.ref)
+        renew_before = spec.renew_before if spec is not None else DEFAULT_RENEW_BEFORE
+        row = _dated(
+            kind,
+            name,
+            cert.serial,
+            cert.not_after,
+            renew_before.window(cert.not_after - cert.not_before),
+            now,
+        )
+        entry = by_serial.get(cert.serial)
+        if leaf.key.found is not Found.OK:
+            row = dataclasses.replace(
+                row, standing=Standing.UNUSABLE, detail=f"key {leaf.key.found}"
+            )
+        elif not cert.signed_by_ca:
+            row = dataclasses.replace(
+                row, standing=Standing.UNUSABLE, detail="not signed by the current CA"
+            )
+        elif entry is None or entry.fingerprint != cert.fingerprint:
+            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail="not in the ledger")
+        elif entry.status is CertStatus.REVOKED:
+            row = dataclasses.replace(row, standing=Standing.REVOKED)
+        rows.append(row)
+    for entry in observed.ledger.entries:
+        if entry.serial in on_disk or entry.not_after <= now or entry.status is CertStatus.VALID:
+            continue  # a valid one whose file is gone: the plan says what happens next
+        standing = Standing.REVOKED if entry.status is CertStatus.REVOKED else Standing.SUPERSEDED
+        rows.append(
+            Held(
+                str(entry.kind),
+                entry.name,
+                entry.serial,
+                entry.not_after,
+                standing,
+                entry.reason.value if entry.reason else "",
+            )
+        )
+    return tuple(rows)

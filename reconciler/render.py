@@ -189,23 +189,23 @@ def days_left(row: Held, now: datetime) -> int | None:
     return math.floor((row.not_after - now) / timedelta(days=1))
 
 
-def status_text(plan: Plan) -> str:
+def status_text(rows: Sequence[Held], now: datetime) -> str:
     table = [
         (
             r.kind,
             r.name,
             f"#{r.serial}" if r.kind == "crl" and r.serial is not None else _serial(r.serial),
             format_time(r.not_after) if r.not_after else "-",
-            str(days) if (days := days_left(r, plan.now)) is not None else "-",
+            str(days) if (days := days_left(r, now)) is not None else "-",
             r.standing.value,
             r.detail,
         )
-        for r in plan.held
+        for r in rows
     ]
     return _table(("KIND", "NAME", "SERIAL", "NOT AFTER", "DAYS", "STATE", "DETAIL"), table) + "\n"
 
 
-def status_json(plan: Plan) -> str:
+def status_json(rows: Sequence[Held], now: datetime) -> str:
     data = [
         {
             "kind": r.kind,
@@ -214,11 +214,11 @@ def status_json(plan: Plan) -> str:
             if r.serial is not None
             else None,
             "not_after": format_time(r.not_after) if r.not_after else None,
-            "days_left": days_left(r, plan.now),
+            "days_left": days_left(r, now),
             "state": r.standing.value,
             "detail": r.detail,
         }
-        for r in plan.held
+        for r in rows
     ]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 

@@ -36,6 +36,7 @@ class LockTimeout(Exception):
 class FileRead:
     found: Found  # OK, MISSING or UNREADABLE
     data: bytes = b""
+    mode: int = 0  # permission bits
     detail: str = ""  # why it could not be read
 
 
@@ -55,9 +56,9 @@ class Listing:
     """Everything below the state directory, classified, without following any link."""
 
     leaf_names: dict[CertKind, list[str]] = dataclasses.field(default_factory=dict)
-    modes: dict[str, int] = dataclasses.field(default_factory=dict)  # managed paths
+    dir_modes: dict[str, int] = dataclasses.field(default_factory=dict)  # ca/, clients/, ...
     temp_files: list[str] = dataclasses.field(default_factory=list)
-    other_files: list[str] = dataclasses.field(default_factory=list)
+    other_files: list[str] = dataclasses.field(default_factory=list)  # not written by apply
     unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
@@ -65,6 +66,7 @@ def _read_fd(fd: int) -> FileRead:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         return FileRead(Found.UNREADABLE, detail="it is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
     chunks: list[bytes] = []
     want, size = min(info.st_size + 1, MAX_READ), 0
     while True:
@@ -72,7 +74,7 @@ def _read_fd(fd: int) -> FileRead:
         chunks.append(chunk)
         size += len(chunk)
         if len(chunk) < want:  # a regular file reads short only at its end
-            return FileRead(Found.OK, b"".join(chunks))
+            return FileRead(Found.OK, b"".join(chunks), mode)
         if size > MAX_READ:
             return FileRead(Found.UNREADABLE, detail="it is larger than any state file can be")
         want = 1 << 16  # it grew since fstat
@@ -180,10 +182,12 @@ class StateDir:
                 yield name, failed, failed
 
     def listing(self) -> Listing:
-        """Every file and directory below the root, classified, with the modes of managed ones.
-        Links, special files and directories that cannot be opened go to unreadable."""
+        """Every file and directory below the root, classified by name (the file system's
+        entry types tell links, directories and files apart without a stat per file). Links,
+        special files and directories that cannot be opened go to unreadable."""
         listing = Listing()
         names: dict[CertKind, set[str]] = {kind: set() for kind in CertKind}
+        leaf_dirs = {kind.directory: names[kind] for kind in CertKind}
         try:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -191,36 +195,33 @@ class StateDir:
         pending = [("", root_fd)]
         while pending:
             relative_dir, fd = pending.pop()
+            if relative_dir in layout.DIRECTORIES:
+                listing.dir_modes[relative_dir] = stat.S_IMODE(os.fstat(fd).st_mode)
+            leaves = leaf_dirs.get(relative_dir)
             try:
-                with os.scandir(fd) as entries:
-                    found = sorted(
-                        (entry.name, entry.stat(follow_symlinks=False)) for entry in entries
-                    )
+                with os.scandir(fd) as found:
+                    entries = list(found)
             except OSError as exc:
                 listing.unreadable.append((relative_dir, _why(exc)))
-                found = []
-            for name, info in found:
+                entries = []
+            for entry in entries:
+                name = entry.name
                 relative = f"{relative_dir}/{name}" if relative_dir else name
-                if stat.S_ISDIR(info.st_mode):
+                if entry.is_dir(follow_symlinks=False):
                     if relative == ".git":
                         continue  # a state directory at the top of its repository
-                    if relative in layout.DIRECTORIES:
-                        listing.modes[relative] = stat.S_IMODE(info.st_mode)
                     try:
                         pending.append((relative, os.open(name, _DIR_FLAGS, dir_fd=fd)))
                     except OSError as exc:
                         listing.unreadable.append((relative, _why(exc)))
-                elif not stat.S_ISREG(info.st_mode):
-                    what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+                elif not entry.is_file(follow_symlinks=False):
+                    what = "a symbolic link" if entry.is_symlink() else "not a regular file"
                     listing.unreadable.append((relative, f"it is {what}"))
-                elif layout.is_temp(relative):
+                elif layout.is_temp(name):
                     listing.temp_files.append(relative)
-                elif layout.is_managed(relative):
-                    listing.modes[relative] = stat.S_IMODE(info.st_mode)
-                    leaf = layout.leaf_of(relative)
-                    if leaf is not None:
-                        names[leaf[0].kind].add(leaf[0].name)
-                elif relative != layout.USERS_YAML:
+                elif leaves is not None and name.endswith((".crt", ".key")) and name[0] != ".":
+                    leaves.add(name[:-4])
+                elif relative not in layout.MANAGED_FILES and relative != layout.USERS_YAML:
                     listing.other_files.append(relative)
             os.close(fd)
         listing.leaf_names = {kind: sorted(found) for kind, found in names.items()}

@@ -47,7 +47,7 @@ from reconciler.model import (
     TempFile,
 )
 from reconciler.model import Issue as IssueAction
-from reconciler.plan import BACKDATE, plan
+from reconciler.plan import BACKDATE, plan, status
 
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -597,8 +597,7 @@ def test_wrong_modes_are_housekeeping_not_changes() -> None:
     ],
 )
 def test_status_shows_what_plan_decided(now: datetime, standing: Standing) -> None:
-    result = plan(*_steady(), now=now)
-    rows = {(row.kind, row.name): row for row in result.held}
+    rows = {(row.kind, row.name): row for row in status(*_steady(), now=now)}
     assert rows[("client", "alice")].standing is standing
     assert rows[("ca", "Test CA")].standing is Standing.VALID
 
@@ -612,7 +611,7 @@ def test_status_lists_superseded_and_revoked_certificates_still_out_there() -> N
             for e in observed.ledger.entries
         ),
     )
-    rows = {row.serial: row for row in plan(desired, observed, now=NOW).held}
+    rows = {row.serial: row for row in status(desired, observed, now=NOW)}
     assert rows[21].standing is Standing.REVOKED
     assert rows[22].standing is Standing.VALID
 
