@@ -1,4 +1,4 @@
-"""Benchmark harness for issue 6: the reconciler against the tools it replaces.
+"""Benchmark harness: the reconciler against the tools it replaces.
 
 Run it from the project root with the project's virtualenv:
 
@@ -46,13 +46,12 @@ CHECKEND_SECONDS = 2_592_000  # 30 days, as the cron job has it
 SLOW_RUN_SECONDS = 60.0  # a run slower than this is measured once, not best of three
 STATE_FORMAT = 1  # bump to invalidate cached states when the generator below changes
 
-# Issue 6 targets.
-NOOP_VS_PARSE_MAX = 2.0
+# Targets (issue 11; issue 6 set the issuance ones). Time per user, plan and validate against
+# the no-op are printed for information.
+NOOP_VS_PARSE_MAX = 3.0
 NOOP_VS_OPENSSL_MIN = 30.0
 NOOP_RSS_MAX_MIB = 200.0
-FLAT_MAX = 1.25  # time per added user between the largest sizes / between the smallest
 FLAT_ROUNDS_MIN = 5  # rounds of the no-op at every size, for the flatness figure
-PLAN_VS_NOOP_MAX = 2.0
 ECDSA_VS_EASYRSA_MIN = 20.0
 RSA_PER_CORE_MIN = 0.8
 
@@ -607,8 +606,8 @@ def measure_size(cfg: Config, users: int, zero: Best) -> tuple[list[Row], dict[s
                 seconds(best.wall),
                 seconds(noop.wall),
                 f"{ratio:.2f}x",
-                f"<= {PLAN_VS_NOOP_MAX:g}x",
-                ratio <= PLAN_VS_NOOP_MAX,
+                "(information)",
+                None,
                 {"ours_s": best.wall, "baseline_s": noop.wall, "ratio": ratio},
             )
         )
@@ -669,9 +668,8 @@ def fixed_cost(cfg: Config) -> tuple[State, Best]:
 def flatness(cfg: Config, states: Mapping[int, State]) -> tuple[list[Row], dict[str, Any]]:
     """Time per added user: the slope from the second-largest to the largest size against the
     slope between the two smallest. Each slope spans thousands of users, so it is not drowned
-    by run-to-run noise, and start-up (in which the forked readers overlap the imports)
-    cancels out; a time per user taken against the CA-only state at 1,000 users divides a
-    noise of tens of milliseconds by 1,000. Needs three sizes.
+    by run-to-run noise, and start-up cancels out; a time per user taken against the CA-only
+    state at 1,000 users divides a noise of tens of milliseconds by 1,000. Needs three sizes.
 
     The no-op runs in rounds, every size once per round (1k, 10k, 100k, 1k, ...): a round
     lasts seconds, and this VM's slow stretches last minutes, so the sizes of one round see the
@@ -725,8 +723,8 @@ def flatness(cfg: Config, states: Mapping[int, State]) -> tuple[list[Row], dict[
             per_unit(last, "user"),
             per_unit(first, "user"),
             f"{median_ratio:.2f}x",
-            f"<= {FLAT_MAX:g}x (flat)",
-            median_ratio <= FLAT_MAX,
+            "(information: 1.00x is flat)",
+            None,
             {"ratio": median_ratio, "round_ratios": ratios},
         ),
         Row(
