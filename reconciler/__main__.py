@@ -1,13 +1,20 @@
 """`python -m reconciler` and the `reconciler` command. Imports nothing outside the standard
 library before it knows the packages the reconciler needs are installed, so a missing one is a
-sentence, not a traceback."""
+sentence, not a traceback; and takes the passphrases out of the process environment before
+any of them can start a process (GitPython runs `git version` when it is imported)."""
 
 from __future__ import annotations
 
+import os
 import sys
+
+from reconciler.secrets import VARIABLES
 
 
 def console() -> None:
+    environ = dict(os.environ)
+    for name in VARIABLES:
+        os.environ.pop(name, None)  # main() gets them from environ; no child process ever does
     try:
         from reconciler import cli
     except ModuleNotFoundError as exc:
@@ -19,7 +26,7 @@ def console() -> None:
             "and use .venv/bin/reconciler\n"
         )
         sys.exit(1)
-    cli.console()
+    cli.console(environ)
 
 
 if __name__ == "__main__":  # not when a worker process re-imports this module

@@ -9,7 +9,6 @@ certificate written before the ledger is found on disk and recorded (adopted) by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +16,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from reconciler import layout, ledger, pki
+from reconciler import layout, ledger, pem, pki
 from reconciler.errors import SecretError, StateError
 from reconciler.model import (
     Action,
@@ -109,20 +108,26 @@ def apply(
     observed: Observed,
     store: StateDir,
     *,
-    ca_passphrase: Passphrase | None,
+    ca_passphrase: Passphrase,
     key_passphrase: Passphrase | None,
     progress: ProgressFactory | None = None,
 ) -> Outcome:
-    """Execute every change in plan. plan.signs needs ca_passphrase, plan.makes_keys needs
-    key_passphrase; both are checked against the files before the first write."""
+    """Execute every change in plan. Before anything is written, the CA key is opened with
+    ca_passphrase and proved to belong to ca.crt, even when there is nothing to sign (a pull
+    request could have swapped in a whole CA of its own); plan.makes_keys needs key_passphrase,
+    checked against a key already issued."""
     if plan.blockers:
         raise StateError(plan.blockers[0])
+    if plan.makes_keys and key_passphrase is None:
+        raise ValueError("this plan makes keys: apply needs the key passphrase")
     writer = _Writer(store)
+    create = next((action for action in plan.changes if isinstance(action, CreateCa)), None)
+    signer = (
+        _create_ca(create, writer, ca_passphrase) if create else _unlock_ca(store, ca_passphrase)
+    )
     issued: list[tuple[str, int]] = []
     if plan.signs:
-        if ca_passphrase is None or (plan.makes_keys and key_passphrase is None):
-            raise ValueError("this plan signs: apply needs the passphrases it names")
-        issued = _sign_and_record(plan, observed, writer, ca_passphrase, key_passphrase, progress)
+        issued = _sign_and_record(plan, observed, writer, signer, key_passphrase, progress)
     for action in plan.changes:
         match action:
             case Revoke(leaf=leaf, remove_files=True):
@@ -140,20 +145,13 @@ def _sign_and_record(
     plan: Plan,
     observed: Observed,
     writer: _Writer,
-    ca_passphrase: Passphrase,
+    signer: _Signer,
     key_passphrase: Passphrase | None,
     progress: ProgressFactory | None,
 ) -> list[tuple[str, int]]:
     changes = plan.changes
-    create = next((action for action in changes if isinstance(action, CreateCa)), None)
-    signer = (
-        _create_ca(create, writer, ca_passphrase)
-        if create
-        else _unlock_ca(writer.store, ca_passphrase)
-    )
     new_certificates = [action for action in changes if isinstance(action, NewCertificate)]
-    if new_certificates and create is None:
-        assert key_passphrase is not None
+    if new_certificates and key_passphrase is not None:
         _check_key_passphrase(observed, writer.store, key_passphrase)
 
     adopted = [entry for action in changes for entry in _ledger_changes(action)[0]]
@@ -213,7 +211,12 @@ def _create_ca(action: CreateCa, writer: _Writer, passphrase: Passphrase) -> _Si
     key_pem = pki.encrypt_key(key, passphrase.reveal())
     writer.write(layout.CA_KEY, key_pem, secret=True)
     writer.write(layout.CA_CERT, pki.pem(cert))
-    return _Signer(cert, key, hashlib.sha256(key_pem).hexdigest())
+    signer = _Signer(cert, key, pem.file_sha256(key_pem))
+    # at once an empty ledger, before anything is signed: a first apply interrupted from here
+    # on is finished by the next one (plan's _unfinished_first_apply)
+    first = Ledger(ca_fingerprint=signer.fingerprint, ca_key_sha256=signer.key_sha256)
+    writer.write(layout.LEDGER, ledger.encode(first, signer.sign))
+    return signer
 
 
 def _unlock_ca(store: StateDir, passphrase: Passphrase) -> _Signer:
@@ -224,15 +227,16 @@ def _unlock_ca(store: StateDir, passphrase: Passphrase) -> _Signer:
         key = pki.decrypt_key(key_read.data, passphrase.reveal())
     except (ValueError, TypeError):
         raise SecretError(
-            f"the CA passphrase from {passphrase.origin} does not unlock "
-            "ca/ca.key; set the right one (nothing was written)"
+            f"the CA passphrase from {passphrase.origin} does not unlock ca/ca.key: set the "
+            "right one; if it is right, ca/ca.key was replaced (git log -- ca/ shows by whom) "
+            "and must be restored; nothing was written"
         ) from None
     cert = pki.load_certificates(cert_read.data)[0]
     if not pki.same_public_key(cert.public_key(), key.public_key()):
         raise StateError(
             "ca/ca.key does not belong to ca/ca.crt; restore both from git (nothing was written)"
         )
-    return _Signer(cert, key, hashlib.sha256(key_read.data).hexdigest())
+    return _Signer(cert, key, pem.file_sha256(key_read.data))
 
 
 def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passphrase) -> None:
@@ -348,7 +352,7 @@ def _issue(
         spec=spec.spec_hash(),
         generation=spec.generation,
         fingerprint=facts.fingerprint,
-        key_sha256=hashlib.sha256(key_pem).hexdigest(),
+        key_sha256=pem.file_sha256(key_pem),
         subject=facts.subject,
         dns=facts.dns,
         ips=facts.ips,

@@ -461,10 +461,10 @@ def main(
         return EXIT_BUG
 
 
-def console() -> NoReturn:
+def console(environ: Mapping[str, str]) -> NoReturn:
     """The `reconciler` command: main(), with its output flushed before the exit code."""
     try:
-        code = main()
+        code = main(environ=environ)
     except SystemExit as exc:  # argparse: --help, --version
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     try:

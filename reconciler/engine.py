@@ -56,12 +56,11 @@ def status(state_dir: Path, now: datetime) -> tuple[Held, ...]:
 
 def _passphrases(
     plan: Plan, sources: SecretSources
-) -> tuple[Passphrase | None, Passphrase | None, list[tuple[Which, Passphrase]]]:
-    """The passphrases the plan needs; generated ones only when it creates the CA."""
-    if not plan.signs:
-        return None, None, []
+) -> tuple[Passphrase, Passphrase | None, list[tuple[Which, Passphrase]]]:
+    """The passphrases an apply needs: always the CA's (every apply proves that ca.key opens
+    with it), the key passphrase when it makes keys; generated ones only for a new CA."""
     if not any(isinstance(action, CreateCa) for action in plan.changes):
-        ca = sources.require(Which.CA, "this apply signs with the CA")
+        ca = sources.require(Which.CA, "every apply proves that ca/ca.key opens with it")
         key = sources.require(Which.KEY, "this apply makes new keys") if plan.makes_keys else None
         return ca, key, []
     found_ca, found_key = sources.find(Which.CA), sources.find(Which.KEY)
@@ -145,10 +144,10 @@ def run(
     """apply, under the state directory's lock: reconcile, commit what changed when inside
     git, and push with retries. waiting() is called once if another apply holds the lock.
 
-    When the push is rejected because the remote moved, the local commit is discarded (its
+    When the push is rejected because the remote moved, this run's own commit is discarded (its
     certificates were never committed anywhere else nor distributed), the branch moves onto the
     remote head, and the whole reconcile runs again against the remote's desired state: ledger
-    and CRL are never merged as text.
+    and CRL are never merged as text. Any other commit is never discarded.
     """
     if push and not commit:
         raise UsageError("--push and --no-commit contradict each other; drop one")
@@ -185,15 +184,28 @@ def _run_locked(
         raise UsageError("--push needs the state directory inside a git work tree")
     record_stage.require_clean(repo)
     target = record_stage.upstream(repo)
-    record_stage.sync(repo, target, reset=False)
+    record_stage.fast_forward(repo, target)
     for attempt in range(1, MAX_PUSH_ATTEMPTS + 1):
+        start = record_stage.head(repo)
         report = reconcile(state_dir, now, sources, progress)
         recorded = _record(repo, state_dir, report)
         if not record_stage.ahead_of(repo, target):
             return RunReport(report, recorded, pushed=False, attempts=attempt, in_git=True)
         if record_stage.push(repo, target):
             return RunReport(report, recorded, pushed=True, attempts=attempt, in_git=True)
-        record_stage.sync(repo, target, reset=True)
+        # The remote moved. Only this run's own commit may be redone on top of it: every
+        # commit before it must already be on the remote, or it would be thrown away.
+        remote = record_stage.fetch(repo, target)
+        if not record_stage.contains(repo, start, remote):
+            if recorded.sha is not None:
+                record_stage.reset_to(repo, start)  # undo only the commit this run made
+            raise record_stage.GitError(
+                f"{target.ref} moved, and this branch has commits that are not on it and are "
+                "not the reconciler's; nothing was pushed and this run's own commit was "
+                f"undone: push those commits first (git pull --rebase {target.remote} "
+                f"{target.branch}, then git push), and run the job again"
+            )
+        record_stage.reset_to(repo, remote)
     raise record_stage.GitError(
         f"gave up after {MAX_PUSH_ATTEMPTS} attempts: {target.ref} kept moving while this job "
         "ran; nothing of these attempts was pushed, so run the job again"

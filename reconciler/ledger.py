@@ -70,7 +70,10 @@ def encode(ledger: Ledger, sign: Callable[[bytes], bytes]) -> bytes:
 
 def decode(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
     """The ledger, the bytes its signature covers, and the signature (None when unsigned).
-    Raises ValueError, saying which line, when the file is not a ledger."""
+    Lines may end in CRLF (a checkout that converts line ends): they are read, and verified,
+    as the LF lines the reconciler wrote. Raises ValueError, saying which line, when the file
+    is not a ledger."""
+    data = data.replace(b"\r\n", b"\n")
     body = data.rstrip(b"\n")
     start = body.rfind(b"\n") + 1
     signed, signature = data, None

@@ -154,6 +154,13 @@ class Desired:
 # --------------------------------------------------------------------------- observed state
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revocation:
+    serial: int
+    revoked_at: datetime
+    reason: RevocationReason
+
+
 class Found(enum.StrEnum):
     """What reading a file gave."""
 
@@ -213,7 +220,11 @@ class ObservedCRL:
     number: int | None = None
     this_update: datetime | None = None
     next_update: datetime | None = None
-    serials: frozenset[int] = frozenset()
+    revoked: tuple[Revocation, ...] = ()
+
+    @property
+    def serials(self) -> frozenset[int]:
+        return frozenset(entry.serial for entry in self.revoked)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -297,13 +308,6 @@ class Issuance:
     spec: LeafSpec
     not_before: datetime
     not_after: datetime
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Revocation:
-    serial: int
-    revoked_at: datetime
-    reason: RevocationReason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from reconciler.model import (
     ObservedCA,
     ObservedCRL,
     ObservedLeaf,
+    Revocation,
     TempFile,
 )
 from reconciler.store import FileRead, StateDir
@@ -155,7 +156,10 @@ class _Observer:
         try:
             crl = x509.load_pem_x509_crl(read.data)
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-            serials = frozenset(entry.serial_number for entry in crl)
+            revoked = tuple(
+                Revocation(entry.serial_number, entry.revocation_date_utc, pki.reason_of(entry))
+                for entry in crl
+            )
             this_update, next_update = crl.last_update_utc, crl.next_update_utc
         except (ValueError, x509.ExtensionNotFound) as exc:
             return ObservedCRL(Found.UNUSABLE, _unusable(exc))
@@ -166,7 +170,7 @@ class _Observer:
             number,
             this_update,
             next_update,
-            serials,
+            revoked,
         )
 
     def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:

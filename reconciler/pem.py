@@ -23,9 +23,15 @@ def holds_plaintext_key(data: bytes) -> bool:
     return b"PRIVATE KEY" in data and PLAINTEXT_KEY.search(data) is not None
 
 
+def file_sha256(data: bytes) -> str:
+    """The SHA-256 the ledger pins a key file by, with CRLF read as LF: a checkout that turns
+    line ends into CRLF (core.autocrlf, an eol attribute) changes no key's meaning."""
+    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+
+
 def key_facts(data: bytes) -> KeyFacts:
     """What a key file's bytes say: encrypted PKCS#8 (OK), a plaintext key, or something else."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = file_sha256(data)
     if _ENCRYPTED_KEY.match(data):
         return KeyFacts(Found.OK, digest)
     if holds_plaintext_key(data):

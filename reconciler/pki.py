@@ -23,6 +23,7 @@ from reconciler.model import (
     KeyType,
     LeafSpec,
     Revocation,
+    RevocationReason,
     Subject,
 )
 
@@ -40,8 +41,8 @@ _NAME_OIDS = {
 _OID_NAMES = {oid: short for short, oid in _NAME_OIDS.items()}
 
 _REASONS = {
-    "superseded": x509.ReasonFlags.superseded,
-    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    RevocationReason.SUPERSEDED: x509.ReasonFlags.superseded,
+    RevocationReason.CESSATION_OF_OPERATION: x509.ReasonFlags.cessation_of_operation,
 }
 
 
@@ -258,10 +259,21 @@ def build_crl(
             x509.RevokedCertificateBuilder()
             .serial_number(entry.serial)
             .revocation_date(entry.revoked_at)
-            .add_extension(x509.CRLReason(_REASONS[entry.reason.value]), critical=False)
+            .add_extension(x509.CRLReason(_REASONS[entry.reason]), critical=False)
             .build()
         )
     return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+def reason_of(entry: x509.RevokedCertificate) -> RevocationReason:
+    """The reason a CRL gives for a revocation: superseded, or cessation of operation for any
+    other (the reasons this tool writes; another tool's CRL keeps its entries as revoked)."""
+    try:
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        flag = None
+    superseded = flag is x509.ReasonFlags.superseded
+    return RevocationReason.SUPERSEDED if superseded else RevocationReason.CESSATION_OF_OPERATION
 
 
 def sign(key: PrivateKey, data: bytes) -> bytes:

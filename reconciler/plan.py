@@ -124,6 +124,17 @@ class _Context:
 # --------------------------------------------------------------------------- CA
 
 
+def _unfinished_first_apply(observed: Observed) -> bool:
+    """A first apply writes the CA, then at once an empty ledger, before it signs anything: a
+    CA with no ledger, no CRL and no certificate was interrupted there, and is finished."""
+    return (
+        observed.ledger.found is Found.MISSING
+        and observed.crl.found is Found.MISSING
+        and not observed.leaves
+        and not observed.temp_files
+    )
+
+
 def _create_ca(ctx: _Context, why: str) -> CreateCa:
     spec = ctx.desired.ca
     ctx.new_ca = True
@@ -206,6 +217,8 @@ def _plan_ca(ctx: _Context) -> Action:
             "apply writes the ledger"
         )
     reasons = [f"valid until {_day(ca.cert.not_after)}"]
+    if _unfinished_first_apply(ctx.observed):
+        reasons.append("an interrupted first apply left no ledger: this apply finishes it")
     if ca.cert.not_after <= ctx.now:
         ctx.block(
             f"the CA expired on {format_time(ca.cert.not_after)}: no certificate it signs is "
@@ -279,6 +292,11 @@ def _cannot_keep(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
         reasons.append(f"private key file {leaf.key.found}: {leaf.key.detail}")
     if ctx.new_ca or not cert.signed_by_ca:
         reasons.append("not signed by the current CA")
+    if cert.not_before > ctx.now:
+        reasons.append(
+            f"not valid before {format_time(cert.not_before)} (the clock went back, or an "
+            "apply ran with a later --now)"
+        )
     entry = ctx.by_serial.get(cert.serial)
     if entry is None:
         reasons.append(f"serial {_short(cert.serial)} is not in the ledger")
@@ -470,18 +488,35 @@ def _plan_temp_files(ctx: _Context) -> Repair | None:
     )
 
 
+def _still_revoked(ctx: _Context) -> dict[int, Revocation]:
+    """Every revocation the next CRL must carry: the ledger's, the plan's, and every one the
+    CRL in place lists, until the ledger says that certificate expired (a revoked serial
+    stays revoked, whatever an older ledger says)."""
+    revoked = {
+        r.serial: r
+        for r in ctx.observed.crl.revoked
+        if r.serial not in ctx.by_serial or ctx.by_serial[r.serial].not_after > ctx.now
+    }
+    for e in ctx.observed.ledger.entries:
+        if e.status is CertStatus.REVOKED and e.not_after > ctx.now:
+            reason = e.reason or RevocationReason.CESSATION_OF_OPERATION
+            revoked[e.serial] = Revocation(e.serial, e.revoked_at or ctx.start, reason)
+    return revoked
+
+
 def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
     crl, spec = ctx.observed.crl, ctx.desired.crl
     if crl.found is Found.UNREADABLE:
         ctx.block(_unreadable(layout.CRL, crl.detail))
         return Noop("crl", ("blocked: see below",))
-    revoked = {
-        e.serial: Revocation(
-            e.serial, e.revoked_at or ctx.start, e.reason or RevocationReason.CESSATION_OF_OPERATION
+    if crl.number is not None and ctx.observed.ledger.crl_number < crl.number:
+        ctx.block(
+            f"ledger.jsonl is older than ca/crl.pem (it knows CRL number "
+            f"{ctx.observed.ledger.crl_number}, the CRL is number {crl.number}): an older ledger "
+            "was restored, which would un-revoke certificates; restore the newest ledger from "
+            "git (git log -- ledger.jsonl)"
         )
-        for e in ctx.observed.ledger.entries
-        if e.status is CertStatus.REVOKED and e.not_after > ctx.now
-    }
+    revoked = _still_revoked(ctx)
     for action in actions:
         if isinstance(action, NewCertificate | Revoke | RetireGeneration):
             revoked.update((r.serial, r) for r in action.revoke)
@@ -492,9 +527,14 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
             if crl.found is Found.MISSING
             else "new CA: re-sign the CRL with it"
         )
-    elif crl.found is not Found.OK or crl.next_update is None:
+    elif crl.found is not Found.OK or crl.next_update is None or crl.this_update is None:
         reasons.append(f"CRL {crl.found}" + (f": {crl.detail}" if crl.detail else ""))
     else:
+        if crl.this_update > ctx.now:
+            reasons.append(
+                f"CRL not valid before {format_time(crl.this_update)} (the clock went back, or "
+                "an apply ran with a later --now): PostgreSQL refuses every client until then"
+            )
         if crl.next_update <= ctx.now:
             reasons.append(
                 f"CRL passed its next update on {format_time(crl.next_update)}: "
@@ -504,6 +544,11 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
             reasons.append(
                 f"CRL next update {_day(crl.next_update)} is within the "
                 f"{describe_duration(spec.refresh_before)} refresh window"
+            )
+        if crl.next_update - crl.this_update > spec.validity + BACKDATE:
+            reasons.append(
+                f"CRL is valid for {describe_duration(crl.next_update - crl.this_update)}, "
+                f"longer than crl.validity {describe_duration(spec.validity)}"
             )
         missing = sorted(set(revoked) - crl.serials)
         if missing:
@@ -516,7 +561,7 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
         return Noop(
             "crl",
             (
-                f"number {crl.number}, {len(crl.serials)} revoked, next update "
+                f"number {crl.number}, {len(crl.revoked)} revoked, next update "
                 f"{_day(crl.next_update)}",
             ),
         )
@@ -542,7 +587,11 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     ledger = observed.ledger
     if ledger.found is Found.UNREADABLE:
         ctx.block(_unreadable(layout.LEDGER, ledger.detail))
-    elif ledger.found is Found.MISSING and observed.ca.found is not Found.MISSING:
+    elif (
+        ledger.found is Found.MISSING
+        and observed.ca.found is not Found.MISSING
+        and not (_unfinished_first_apply(observed))
+    ):
         ctx.block(
             "ledger.jsonl is missing but a CA exists: restore it from git (git checkout -- "
             "ledger.jsonl); without it no certificate issued so far could be revoked"
@@ -641,8 +690,11 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
         rows.append(Held("crl", "crl", None, None, standing, crl.detail))
     else:
         row = _dated("crl", "crl", crl.number, crl.next_update, desired.crl.refresh_before, now)
-        if crl.found is Found.OK:
-            rows.append(dataclasses.replace(row, detail=f"{len(crl.serials)} revoked"))
+        if crl.this_update is not None and crl.this_update > now:
+            detail = f"not valid before {format_time(crl.this_update)}"
+            rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail))
+        elif crl.found is Found.OK:
+            rows.append(dataclasses.replace(row, detail=f"{len(crl.revoked)} revoked"))
         else:
             rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=crl.detail))
     specs = {spec.ref: spec for spec in desired.leaves}
@@ -676,6 +728,9 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             row = dataclasses.replace(
                 row, standing=Standing.UNUSABLE, detail="not signed by the current CA"
             )
+        elif cert.not_before > now:
+            detail = f"not valid before {format_time(cert.not_before)}"
+            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail)
         elif entry is None or entry.fingerprint != cert.fingerprint:
             row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail="not in the ledger")
         elif entry.status is CertStatus.REVOKED:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+
+# Without a git executable GitPython refuses to import; with this it imports, and the first
+# git command says what is missing (find_repo turns that into one sentence).
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 import git
 
@@ -57,7 +62,15 @@ def find_repo(state_dir: Path, environ: Mapping[str, str] | None = None) -> git.
         return None
     if repo.bare:
         return None
-    repo.git.update_environment(**git_environment(repo, os.environ if environ is None else environ))
+    try:
+        repo.git.update_environment(
+            **git_environment(repo, os.environ if environ is None else environ)
+        )
+    except git.GitCommandNotFound:
+        raise GitError(
+            "git is not installed, or not on PATH, and the state directory is in a git work "
+            "tree: install git, or run apply --no-commit; nothing was written"
+        ) from None
     return repo
 
 
@@ -249,11 +262,26 @@ def clear_stale_locks(repo: git.Repo) -> list[str]:
     except PermissionError:
         return []
     removed = []
-    for lock in [*git_dir.glob("*.lock"), *(git_dir / "refs").rglob("*.lock")]:
-        lock.unlink(missing_ok=True)
-        removed.append(str(lock.relative_to(git_dir)))
+    for name in _our_locks(repo):
+        lock = git_dir / name
+        if lock.exists():
+            lock.unlink()
+            removed.append(name)
     marker.unlink(missing_ok=True)
     return removed
+
+
+def _our_locks(repo: git.Repo) -> list[str]:
+    """The lock files the git operations the reconciler runs (add, commit, fetch, merge,
+    reset, push of the current branch) can leave; no other lock is ever removed."""
+    locks = ["index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock"]
+    if not repo.head.is_detached:
+        branch = repo.active_branch
+        locks.append(f"{branch.path}.lock")  # refs/heads/NAME
+        tracking = branch.tracking_branch()
+        if tracking is not None:
+            locks.append(f"{tracking.path}.lock")  # refs/remotes/REMOTE/NAME
+    return locks
 
 
 def _first_line(exc: git.GitCommandError) -> str:
@@ -297,41 +325,69 @@ def require_clean(repo: git.Repo) -> None:
         )
 
 
-def sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
-    """Fetch; fast-forward onto the remote, or (reset) move onto it, discarding local commits."""
+def head(repo: git.Repo) -> str:
+    return str(repo.head.commit.hexsha)
+
+
+def fetch(repo: git.Repo, target: Upstream) -> str:
+    """Fetch the upstream branch; its head."""
     try:
         with _git_operation(repo):
-            _sync(repo, target, reset=reset)
+            repo.git.fetch("--quiet", target.remote, target.branch)
     except git.GitCommandError as exc:
         raise GitError(
             f"git fetch from {target.remote} failed: {_first_line(exc)}; "
             "check the remote and your access"
         ) from None
+    return str(repo.git.rev_parse(target.ref))
 
 
-def _sync(repo: git.Repo, target: Upstream, *, reset: bool) -> None:
-    repo.git.fetch("--quiet", target.remote, target.branch)
-    remote_sha = repo.git.rev_parse(f"{target.ref}")
-    if reset:
-        repo.git.reset("--hard", "--quiet", remote_sha)
-    elif repo.is_ancestor(repo.head.commit, repo.commit(remote_sha)):
-        repo.git.merge("--ff-only", "--quiet", remote_sha)
+def fast_forward(repo: git.Repo, target: Upstream) -> None:
+    """Fetch, and move onto the remote head when this branch is behind it."""
+    remote = fetch(repo, target)
+    if repo.is_ancestor(repo.head.commit, repo.commit(remote)):
+        with _git_operation(repo):
+            repo.git.merge("--ff-only", "--quiet", remote)
+
+
+def contains(repo: git.Repo, ancestor: str, descendant: str) -> bool:
+    return bool(repo.is_ancestor(repo.commit(ancestor), repo.commit(descendant)))
+
+
+def reset_to(repo: git.Repo, sha: str) -> None:
+    """Move the branch and work tree to sha: only ever past the reconciler's own commit."""
+    with _git_operation(repo):
+        repo.git.reset("--hard", "--quiet", sha)
 
 
 def push(repo: git.Repo, target: Upstream) -> bool:
-    """Push HEAD; False when the remote moved (rejected as not a fast-forward)."""
+    """Push HEAD; False when the remote moved (not a fast-forward). A push the remote refuses
+    (a protected branch, a hook) is a GitError with git's reason: retrying cannot help."""
     try:
         with _git_operation(repo):
-            repo.git.push("--quiet", target.remote, f"HEAD:refs/heads/{target.branch}")
+            repo.git.push("--porcelain", target.remote, f"HEAD:refs/heads/{target.branch}")
     except git.GitCommandError as exc:
-        text = exc.stderr or ""
-        if any(word in text for word in ("non-fast-forward", "fetch first", "rejected")):
+        text = f"{exc.stdout or ''}\n{exc.stderr or ''}"
+        # not a fast-forward, seen before the push or (the ref moved during it) by the remote
+        if re.search(
+            r"\[rejected\] \((fetch first|non-fast-forward)\)|cannot lock ref .* but expected", text
+        ):
             return False
+        reason = _refusal(text) or _first_line(exc)
         raise GitError(
-            f"git push to {target.remote} failed: {_first_line(exc)}; check the "
-            "remote and your access"
+            f"git push to {target.remote} was refused: {reason}; the commit stays in this "
+            "clone, unpushed: fix what the remote refuses (a protected branch must let this "
+            "job push) and run the job again"
         ) from None
     return True
+
+
+def _refusal(text: str) -> str | None:
+    """The remote's own words: what its hook said ('remote:' lines), and the reason git gives."""
+    said = [line.strip() for line in re.findall(r"remote: (.*)", text) if line.strip()]
+    reason = re.search(r"\[remote rejected\] \((.*?)\)", text)
+    parts = [*said[:3], *([reason[1]] if reason else [])]
+    return "; ".join(parts) or None
 
 
 def ahead_of(repo: git.Repo, target: Upstream) -> bool:

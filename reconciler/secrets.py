@@ -82,7 +82,14 @@ class SecretSources:
         if flagged is not None:
             return _from_file(flagged, which, which.flag)
         if self.environ.get(which.env):
-            return _checked(self.environ[which.env].encode("utf-8"), which, f"${which.env}")
+            try:
+                value = self.environ[which.env].encode("utf-8")
+            except UnicodeEncodeError:
+                raise SecretError(
+                    f"${which.env} is not UTF-8 text; set it again as UTF-8, or put the "
+                    f"passphrase in a file named by {which.flag}"
+                ) from None
+            return _checked(value, which, f"${which.env}")
         env_file = self.environ.get(f"{which.env}_FILE")
         if env_file:
             return _from_file(Path(env_file), which, f"${which.env}_FILE")
@@ -104,6 +111,15 @@ class SecretSources:
 
     def bootstrap(self, which: Which) -> Passphrase:
         """Create a random passphrase in the secrets directory (0700), in a 0600 file."""
+        try:
+            return self._bootstrap(which)
+        except OSError as exc:
+            raise SecretError(
+                f"cannot write a new passphrase into {self.secrets_dir} ({exc.strerror}); "
+                f"make it writable, or set {which.env}; nothing was written"
+            ) from None
+
+    def _bootstrap(self, which: Which) -> Passphrase:
         self.secrets_dir.mkdir(mode=SECRETS_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(self.secrets_dir, SECRETS_DIR_MODE)
         ignore = self.secrets_dir / ".gitignore"

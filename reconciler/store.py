@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from reconciler import layout
+from reconciler.errors import StateError
 from reconciler.model import CertKind, Found
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -115,13 +116,32 @@ def write_at(dir_fd: int, name: str, data: bytes, mode: int) -> None:
     os.fsync(dir_fd)
 
 
+_ADVICE = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EROFS: "the file system is read-only: make it writable",
+    errno.EACCES: "give this user write access",
+    errno.EPERM: "give this user write access",
+    errno.ENOENT: "create the directory first",
+}
+
+
+def cannot_write(exc: OSError, what: str) -> StateError:
+    """The world refused a write (disk full, read-only, no permission): one sentence."""
+    advice = _ADVICE.get(exc.errno or 0, "check the file system")
+    return StateError(f"cannot write {what} ({exc.strerror}): {advice}, then run it again")
+
+
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """write_at for a file outside the state directory (exports, the Prometheus textfile)."""
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        write_at(dir_fd, path.name, data, mode)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            write_at(dir_fd, path.name, data, mode)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise cannot_write(exc, str(path)) from None
 
 
 class StateDir:
@@ -232,11 +252,17 @@ class StateDir:
 
     # ------------------------------------------------------------------ writing
 
+    # A write the world refuses (disk full, read-only) stops the apply with one sentence; what
+    # it leaves (a temporary file, a certificate the ledger lacks) the next apply repairs.
+
     def write(self, relative: str, data: bytes, *, secret: bool = False) -> None:
         """Atomically replace the file; secret files are 0600 from their first byte."""
         directory, _, name = relative.rpartition("/")
-        with self._directory(directory, create=True) as dir_fd:
-            write_at(dir_fd, name, data, layout.KEY_MODE if secret else layout.PUBLIC_MODE)
+        try:
+            with self._directory(directory, create=True) as dir_fd:
+                write_at(dir_fd, name, data, layout.KEY_MODE if secret else layout.PUBLIC_MODE)
+        except OSError as exc:
+            raise cannot_write(exc, str(self.path(relative))) from None
 
     def remove(self, relative: str) -> bool:
         directory, _, name = relative.rpartition("/")
@@ -246,6 +272,8 @@ class StateDir:
                 os.fsync(dir_fd)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise cannot_write(exc, str(self.path(relative))) from None
         return True
 
     def chmod(self, relative: str, mode: int) -> None:
@@ -260,6 +288,8 @@ class StateDir:
                     os.close(fd)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise cannot_write(exc, str(self.path(relative))) from None
 
     @contextlib.contextmanager
     def locked(self, timeout: float, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:

@@ -122,12 +122,30 @@ def test_missing_or_wrong_passphrase_is_exit_1_with_nothing_written(
     assert files_under(state.parent) == before
 
 
-def test_validate_plan_status_and_a_no_op_apply_need_no_secret(state: Path) -> None:
+def test_validate_plan_and_status_need_no_secret(state: Path) -> None:
     assert run(state, "apply", "--no-commit", now=T0).code == 0
-    for args in (["validate"], ["plan"], ["status"], ["apply", "--no-commit"]):
+    for args in (["validate"], ["plan"], ["status"]):
         result = run(state, *args, now=T0, environ={})
         assert result.code == 0, (args, result.err)
     assert not (state.parent / ".secrets").exists()
+
+
+def test_every_apply_needs_the_ca_passphrase_even_with_nothing_to_do(state: Path) -> None:
+    """A no-op apply proves that ca.key opens with the CA passphrase: a pull request that
+    swapped in a CA of its own cannot ride on months of 'nothing to do'."""
+    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    before = files_under(state)
+    missing = run(state, "apply", "--no-commit", now=T0, environ={})
+    assert missing.code == 1
+    assert "every apply proves that ca/ca.key opens with it" in missing.err
+    wrong = {**SECRETS, "RECONCILER_CA_PASSPHRASE": "not the CA passphrase at all"}
+    refused = run(state, "apply", "--no-commit", now=T0, environ=wrong)
+    assert refused.code == 1
+    assert "does not unlock ca/ca.key" in refused.err
+    assert "ca/ca.key was replaced" in refused.err
+    only_ca = {"RECONCILER_CA_PASSPHRASE": CA_PASSPHRASE}
+    assert run(state, "apply", "--no-commit", now=T0, environ=only_ca).code == 0
+    assert files_under(state) == before
 
 
 def test_ci_never_bootstraps_passphrases_it_would_lose(state: Path) -> None:
