@@ -20,7 +20,8 @@ from reconciler import export as export_stage
 from reconciler import hba as hba_stage
 from reconciler.apply import Progress, ProgressFactory
 from reconciler.errors import ReconcilerError, UsageError
-from reconciler.model import Held, Standing, format_serial
+from reconciler.model import Held, format_serial
+from reconciler.plan import needs_attention
 from reconciler.plan import plan as make_plan
 from reconciler.plan import status as make_status
 from reconciler.secrets import SecretSources, Which, default_secrets_dir
@@ -112,6 +113,12 @@ def _build_parser() -> _Parser:
     form = plan.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print the plan as JSON")
     form.add_argument("--markdown", action="store_true", help="print the plan as Markdown")
+    plan.add_argument(
+        "--base",
+        metavar="REF",
+        help="a pull request's target branch: every path but users.yaml that differs from it "
+        "is listed and blocks (exit 1)",
+    )
     plan.add_argument(
         "--detailed-exitcode",
         action="store_true",
@@ -241,8 +248,10 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _plan(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
-    plan = engine.plan_state(args.state, now)
+def _plan(
+    args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    plan = engine.plan_state(args.state, now, args.base, environ)
     out.write(
         render.plan_json(plan)
         if args.json
@@ -386,15 +395,6 @@ def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-_WARN_STANDINGS = (
-    Standing.VALID,
-    Standing.EXPIRING,
-    Standing.EXPIRED,
-    Standing.UNUSABLE,
-    Standing.MISSING,
-)
-
-
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
     rows = engine.status(args.state, now)
     out.write(render.status_json(rows, now) if args.json else render.status_text(rows, now))
@@ -402,14 +402,11 @@ def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -
         _write_prometheus(args.prometheus, rows, None)
     if args.warn_days is None:
         return EXIT_OK
-    soon = []
-    for row in rows:
-        days = render.days_left(row, now)
-        if row.standing in _WARN_STANDINGS and (days is None or days < args.warn_days):
-            soon.append(
-                f"{row.kind}/{row.name} ({row.standing}"
-                + (f", {days} days left)" if days is not None else ")")
-            )
+    soon = [
+        f"{row.kind}/{row.name} ({row.standing}"
+        + (f", {days} days left)" if (days := render.days_left(row, now)) is not None else ")")
+        for row in needs_attention(rows, now, args.warn_days)
+    ]
     if soon:
         err.write(
             f"reconciler: within {args.warn_days} days: {', '.join(soon)}; run `make renew`.\n"
@@ -435,7 +432,7 @@ def main(
         handlers: dict[str, Callable[[], int]] = {
             "init": lambda: _init(args, out),
             "validate": lambda: _validate(args, out),
-            "plan": lambda: _plan(args, now, out, err),
+            "plan": lambda: _plan(args, now, env, out, err),
             "apply": lambda: _apply(args, now, env, out, err),
             "reconcile": lambda: _apply(args, now, env, out, err),
             "status": lambda: _status(args, now, out, err),

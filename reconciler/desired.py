@@ -48,6 +48,7 @@ NODE_ALLOWANCE = 1000  # values beyond one per byte of the file: only aliases ge
 MAX_VALIDITY = timedelta(days=36500)
 SUBJECT_ORDER = ("C", "ST", "L", "O", "OU", "CN")
 RESERVED_ROLE_NAMES = frozenset({"public", "none", "current_user", "session_user", "current_role"})
+DEFAULT_SUPERUSERS = ("postgres",)
 HBA_ADDRESS_KEYWORDS = frozenset({"all", "samehost", "samenet"})
 
 DocPath = tuple[str | int, ...]
@@ -423,6 +424,8 @@ def role_name_problem(name: str) -> str | None:
         return f"the role name is {size} bytes of UTF-8, more than PostgreSQL's 63; shorten it"
     if "/" in name or name.startswith("."):
         return "a role name must not contain '/' or start with '.'; rename it"
+    if name != name.strip():
+        return "the role name starts or ends with a space, which looks like another name; remove it"
     for char in "" if name.isprintable() else name:  # printable: no Cc or Cf character
         if unicodedata.category(char) in {"Cc", "Cf"}:
             return (
@@ -512,6 +515,12 @@ class _Checker:
     def __init__(self, document: dict[str, Any], problems: _Problems) -> None:
         self.doc = document
         self.problems = problems
+        self.sans: dict[str, DocPath] = {}  # every server's DNS and IP names: whose they are
+        self.superusers = frozenset(
+            document.get("superusers", DEFAULT_SUPERUSERS)
+            if problems.clean(("superusers",))
+            else ()
+        )
 
     def key(self, text: str, path: DocPath) -> KeyType:
         problem = _key_type_problem(text)
@@ -612,24 +621,35 @@ class _Checker:
             return []  # the section itself is not a list
         leaves: list[LeafSpec] = []
         seen: dict[str, int] = {}
+        entry_names: dict[str, str] = {}
         for index, entry in enumerate(self.doc.get(section, [])):
             path: DocPath = (section, index)
             if not self.problems.clean(path):
                 continue
             name: str = entry["name"]
-            if name in seen:
+            spelling = unicodedata.normalize("NFC", name)  # two spellings of one name are one
+            listed_twice = spelling in seen
+            if listed_twice:
                 self.problems.add(
                     (*path, "name"),
                     f"{name!r} is listed twice (first at line "
-                    f"{_line_of(self.problems.root, (section, seen[name], 'name'))}); "
+                    f"{_line_of(self.problems.root, (section, seen[spelling], 'name'))}"
+                    f"{', spelled otherwise' if name != entry_names[spelling] else ''}); "
                     "keep one entry",
                 )
             else:
-                seen[name] = index
+                seen[spelling], entry_names[spelling] = index, name
             if kind is CertKind.CLIENT:
                 problem = role_name_problem(name)
                 if problem:
                     self.problems.add((*path, "name"), problem)
+                elif name in self.superusers and entry.get("superuser") is not True:
+                    self.problems.add(
+                        (*path, "name"),
+                        f"{name!r} is a superuser role (superusers lists it): its certificate "
+                        "logs in as a superuser; if that is intended, add `superuser: true` to "
+                        "this entry",
+                    )
             validity = (
                 self.validity(entry["validity"], (*path, "validity"))
                 if "validity" in entry
@@ -660,20 +680,37 @@ class _Checker:
                     if "subject" in entry
                     else (*defaults.common_subject, ("CN", name)),
                     generation=int(entry.get("generation", 1)),
-                    dns=self._dns(name, entry, path) if kind is CertKind.SERVER else (),
+                    dns=self._dns(name, entry, path, listed_twice)
+                    if kind is CertKind.SERVER
+                    else (),
                     ips=self._ips(entry, path),
                     hba=self._hba(entry, path),
                 )
             )
         return leaves
 
-    def _dns(self, name: str, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
+    def _claim(self, san: str, path: DocPath) -> None:
+        """Refuse a DNS or IP name another server already has: one name, one server."""
+        owner = self.sans.setdefault(san, path)
+        if owner[:2] != path[:2]:
+            self.problems.add(
+                path,
+                f"{san!r} is already a name of {format_path(owner[:2])} (line "
+                f"{_line_of(self.problems.root, owner)}); two servers cannot claim one name",
+            )
+
+    def _dns(
+        self, name: str, entry: dict[str, Any], path: DocPath, listed_twice: bool
+    ) -> tuple[str, ...]:
         names = [name]
+        if not listed_twice:  # reported as such already
+            self._claim(name, (*path, "name"))
         for index, dns in enumerate(entry.get("dns", [])):
             if dns in names[1:]:
                 self.problems.add((*path, "dns", index), f"{dns!r} is listed twice; keep one")
             elif dns != name:
                 names.append(dns)
+                self._claim(dns, (*path, "dns", index))
         return tuple(names)
 
     def _ips(self, entry: dict[str, Any], path: DocPath) -> tuple[str, ...]:
@@ -690,6 +727,7 @@ class _Checker:
                 self.problems.add((*path, "ip", index), f"{text!r} is listed twice; keep one")
             else:
                 result.append(address)
+                self._claim(address, (*path, "ip", index))
         return tuple(result)
 
     def _hba(self, entry: dict[str, Any], path: DocPath) -> tuple[HbaRule, ...]:

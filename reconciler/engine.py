@@ -44,9 +44,23 @@ def snapshot(state_dir: Path) -> Snapshot:
     return Snapshot(store=store, desired=desired, observed=observe(store))
 
 
-def plan_state(state_dir: Path, now: datetime) -> Plan:
+def plan_state(
+    state_dir: Path,
+    now: datetime,
+    base: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Plan:
+    """The plan; with base (a pull request's target branch), every path but users.yaml that
+    differs from it blocks."""
     snap = snapshot(state_dir)
-    return make_plan(snap.desired, snap.observed, now=now)
+    observed = snap.observed
+    if base is not None:
+        repo = record_stage.find_repo(state_dir, environ)
+        if repo is None:
+            raise UsageError("--base needs the state directory inside a git work tree")
+        changed = record_stage.changed_since(repo, state_dir, base)
+        observed = dataclasses.replace(observed, changed_from_base=changed, base=base)
+    return make_plan(snap.desired, observed, now=now)
 
 
 def status(state_dir: Path, now: datetime) -> tuple[Held, ...]:

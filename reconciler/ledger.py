@@ -81,7 +81,7 @@ def decode(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
         signed = data[:start]
         try:
             signature = base64.b64decode(json.loads(body[start:])["signature"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(f"the signature line is broken ({exc})") from None
     try:
         lines = signed.decode("utf-8").split("\n")
@@ -89,7 +89,7 @@ def decode(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
         raise ValueError(f"byte {exc.start} is not UTF-8") from None
     try:
         header = json.loads(lines[0])
-    except ValueError:
+    except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict) or header.get("ledger") != FORMAT:
         raise ValueError(f"line 1 is not a ledger header of format {FORMAT}")
@@ -140,7 +140,7 @@ def _entries(lines: list[str]) -> Iterator[LedgerEntry]:
                 dns=tuple(map(str, record.get("dns", ()))),
                 ips=tuple(map(str, record.get("ips", ()))),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None
         if entry.serial in seen:
             raise ValueError(f"line {number}: serial {record['serial']} appears twice")

@@ -283,6 +283,9 @@ class Observed:
     temp_files: tuple[TempFile, ...] = ()
     plaintext_keys: tuple[str, ...] = ()  # files (relative) holding an unencrypted private key
     unreadable: tuple[tuple[str, str], ...] = ()  # (path, why) of what could not be read
+    # plan --base REF: (path, how) of every path but users.yaml that differs from REF
+    changed_from_base: tuple[tuple[str, str], ...] = ()
+    base: str | None = None
 
 
 # --------------------------------------------------------------------------- plan

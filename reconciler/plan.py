@@ -516,6 +516,16 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
             "was restored, which would un-revoke certificates; restore the newest ledger from "
             "git (git log -- ledger.jsonl)"
         )
+    lifetime = crl.next_update - crl.this_update if crl.next_update and crl.this_update else None
+    if lifetime is not None and lifetime > spec.validity + BACKDATE:
+        ctx.block(
+            f"ca/crl.pem is valid for {lifetime / timedelta(days=1):.0f}d, longer than "
+            f"crl.validity ({describe_duration(spec.validity)}) lets the reconciler sign it: "
+            "it was replaced "
+            "(a pull request may have swapped in a CA of its own: git log -- ca/), or "
+            "crl.validity was shortened; restore ca/ from git, or put the old crl.validity "
+            f"back until the CRL is next refreshed ({DOCS_CA})"
+        )
     revoked = _still_revoked(ctx)
     for action in actions:
         if isinstance(action, NewCertificate | Revoke | RetireGeneration):
@@ -544,11 +554,6 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
             reasons.append(
                 f"CRL next update {_day(crl.next_update)} is within the "
                 f"{describe_duration(spec.refresh_before)} refresh window"
-            )
-        if crl.next_update - crl.this_update > spec.validity + BACKDATE:
-            reasons.append(
-                f"CRL is valid for {describe_duration(crl.next_update - crl.this_update)}, "
-                f"longer than crl.validity {describe_duration(spec.validity)}"
             )
         missing = sorted(set(revoked) - crl.serials)
         if missing:
@@ -584,6 +589,11 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     ctx = _Context(desired, observed, now)
     for path, detail in observed.unreadable:
         ctx.block(_unreadable(path, detail))
+    for path, how in observed.changed_from_base:
+        ctx.block(
+            f"{path}: {how}, compared with {observed.base}; only users.yaml may change in a "
+            "pull request (everything else is written by apply, after the merge)"
+        )
     ledger = observed.ledger
     if ledger.found is Found.UNREADABLE:
         ctx.block(_unreadable(layout.LEDGER, ledger.detail))
@@ -751,3 +761,19 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             )
         )
     return tuple(rows)
+
+
+def needs_attention(rows: Iterable[Held], now: datetime, days: int) -> list[Held]:
+    """The rows `status --warn-days` fails on: what cannot be used, and what runs out within
+    days (a CRL past its next update locks every client out)."""
+    horizon = now + timedelta(days=days)
+    return [
+        row
+        for row in rows
+        if row.standing in (Standing.UNUSABLE, Standing.MISSING)
+        or (
+            row.standing in (Standing.VALID, Standing.EXPIRING, Standing.EXPIRED)
+            and row.not_after is not None
+            and row.not_after < horizon
+        )
+    ]

@@ -118,6 +118,58 @@ def commit_message(
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- a pull request
+
+_MODES = {
+    "100644": "a file",
+    "100755": "an executable file",
+    "120000": "a symbolic link",
+    "160000": "a submodule",
+    "000000": "nothing",
+}
+
+
+def changed_since(repo: git.Repo, state_dir: Path, ref: str) -> tuple[tuple[str, str], ...]:
+    """Every path under the state directory that differs from revision ref (added, changed,
+    deleted, another type or mode, or not committed), relative to the state directory, and
+    every .gitattributes of the repository that does (they change how git writes files)."""
+    try:
+        repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}")
+    except git.GitCommandError:
+        raise GitError(
+            f"--base {ref}: git knows no such revision here; fetch the target branch first "
+            f"(git fetch origin main) and name it as origin/main"
+        ) from None
+    root = Path(str(repo.working_tree_dir)).resolve()
+    prefix = state_dir.resolve().relative_to(root).as_posix()
+    prefix = "" if prefix == "." else prefix
+    where = [prefix or ".", ":(glob)**/.gitattributes"]
+    found: dict[str, str] = {}
+    raw = repo.git.diff("--raw", "--no-renames", "-z", ref, "--", *where).split("\0")
+    for header, path in zip(raw[0::2], raw[1::2], strict=False):
+        old_mode, new_mode, *_, status = header.lstrip(":").split()
+        if status == "A":
+            how = f"added ({_MODES.get(new_mode, new_mode)})"
+        elif status == "D":
+            how = "deleted"
+        elif old_mode != new_mode:
+            how = f"was {_MODES.get(old_mode, old_mode)}, is {_MODES.get(new_mode, new_mode)}"
+        else:
+            how = "changed"
+        found[path] = how
+    for path in repo.git.ls_files("--others", "-z", "--", *where).split("\0"):
+        if path:
+            what = "a symbolic link" if (root / path).is_symlink() else "a file"
+            found[path] = f"added ({what}, not committed)"
+    changes = []
+    for path, how in sorted(found.items()):
+        inside = prefix == "" or path.startswith(prefix + "/")
+        relative = path[len(prefix) + 1 :] if prefix and inside else path
+        if not (inside and relative == layout.USERS_YAML):
+            changes.append((relative if inside else f"{path} (in the repository)", how))
+    return tuple(changes)
+
+
 # --------------------------------------------------------------------------- commit
 
 

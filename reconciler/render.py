@@ -144,8 +144,21 @@ def plan_json(plan: Plan) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
+_MARKDOWN = str.maketrans(
+    {
+        **{char: f"\\{char}" for char in "\\`*_{}[]()#+!|~"},
+        "<": "&lt;",
+        ">": "&gt;",
+        "&": "&amp;",
+        "\n": " ",
+    }
+)
+
+
 def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text a pull request wrote (names, addresses) as Markdown that shows it and does nothing
+    else: no HTML, no link, no image, no table cell break, no code span to break out of."""
+    return text.translate(_MARKDOWN)
 
 
 def plan_markdown(plan: Plan) -> str:
@@ -157,7 +170,7 @@ def plan_markdown(plan: Plan) -> str:
     if changes:
         lines += ["| Action | Subject | Serial | Reasons |", "|---|---|---|---|"]
         lines += [
-            f"| **{a.kind.value}** | `{_md(a.subject)}` | `{_serial(_in_place(a))}` | "
+            f"| **{a.kind.value}** | {_md(a.subject)} | `{_serial(_in_place(a))}` | "
             f"{_md('; '.join(a.reasons))} |"
             for a in changes
         ]
@@ -172,7 +185,7 @@ def plan_markdown(plan: Plan) -> str:
             "|---|---|---|",
         ]
         lines += [
-            f"| `{_md(a.subject)}` | `{_serial(a.replaces)}` | {_md('; '.join(a.reasons))} |"
+            f"| {_md(a.subject)} | `{_serial(a.replaces)}` | {_md('; '.join(a.reasons))} |"
             for a in unchanged
         ]
         lines += ["", "</details>"]

@@ -146,10 +146,17 @@ def _checked(value: bytes, which: Which, origin: str) -> Passphrase:
 
 def _from_file(path: Path, which: Which, origin: str) -> Passphrase:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            data = handle.read()
     except OSError as exc:
         raise SecretError(
             f"cannot read the {which.label} passphrase file {path} given by "
             f"{origin} ({exc.strerror}); check the path"
         ) from None
+    if mode & 0o077:
+        raise SecretError(
+            f"the {which.label} passphrase file {path} is readable by others (mode "
+            f"{mode & 0o777:04o}); make it private (chmod 600 {path}) and run again"
+        )
     return _checked(data.rstrip(b"\r\n"), which, str(path))

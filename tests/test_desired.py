@@ -474,7 +474,7 @@ def test_every_schema_error_is_reported_sorted_by_line() -> None:
     # line order differ.
     problems = _problems(
         "users:\n"  # 1
-        "  - name: postgres\n"  # 2
+        "  - name: appuser\n"  # 2
         "    validity: 10y\n"  # 3  bad duration
         "version: 1\n"  # 4
         "ca:\n"  # 5
@@ -530,7 +530,7 @@ def test_error_path_names_the_entry_index() -> None:
         "version: 1\n"
         "ca: {subject: {CN: Acme PostgreSQL CA}}\n"
         "users:\n"
-        "  - name: postgres\n"
+        "  - name: appuser\n"
         "  - name: avchecker\n"
         "  - name: pgquartz\n"
         "  - name: cmdb\n"  # 7
@@ -580,7 +580,7 @@ def test_crlf_line_endings_keep_line_numbers() -> None:
     text = "version: 1\r\nca: {subject: {CN: x}}\r\n\r\nbogus: 1\r\n"
     assert _problems(text) == [
         "users.yaml:4: bogus: unknown key 'bogus'; "
-        "allowed here: ca, crl, defaults, servers, users, version"
+        "allowed here: ca, crl, defaults, servers, superusers, users, version"
     ]
 
 
@@ -630,13 +630,13 @@ def test_regression_recursive_alias_is_located() -> None:
 
 
 def test_regression_unclosed_quote_names_its_line() -> None:
-    problems = _problems(_BASE + 'users:\n  - name: "postgres\n  - name: cmdb\n')
+    problems = _problems(_BASE + 'users:\n  - name: "appuser\n  - name: cmdb\n')
     assert problems[0].startswith("users.yaml:5: ")
     assert "quoted scalar" in problems[0]
 
 
 def test_regression_missing_required_keys_reported_once() -> None:
-    problems = _problems("users:\n  - name: postgres\n")
+    problems = _problems("users:\n  - name: appuser\n")
     assert problems == [
         "users.yaml:1: (top level): the required key 'version' is missing; add it",
         "users.yaml:1: (top level): the required key 'ca' is missing; add it",
@@ -658,7 +658,7 @@ def test_regression_window_error_names_the_entry() -> None:
         _BASE + "defaults:\n"  # 4
         "  renew_before: 30d\n"  # 5
         "users:\n"  # 6
-        "  - name: postgres\n"  # 7
+        "  - name: appuser\n"  # 7
         "    validity: 10d\n"  # 8
         "  - name: cmdb\n"  # 9
         "    validity: 10d\n"  # 10
@@ -669,7 +669,7 @@ def test_regression_window_error_names_the_entry() -> None:
 
 
 def test_regression_generation_is_an_int() -> None:
-    desired = parse_desired(_BASE + "users:\n  - name: postgres\n    generation: 2.0\n")
+    desired = parse_desired(_BASE + "users:\n  - name: appuser\n    generation: 2.0\n")
     assert type(desired.leaves[0].generation) is int
 
 
@@ -701,7 +701,7 @@ def test_a_repeated_bad_value_is_reported_for_every_entry() -> None:
         "  - {name: a.example.com, ip: [10.0.0.300]}\n"  # 11
         "  - {name: b.example.com, ip: [10.0.0.300]}\n"  # 12
         "  - {name: c.example.com, ip: [10.0.0.1, 10.0.0.1]}\n"  # 13
-        "  - {name: d.example.com, ip: [10.0.0.1, 10.0.0.1]}\n"  # 14
+        "  - {name: d.example.com, ip: [10.0.0.2, 10.0.0.2]}\n"  # 14
     )
     lines = [int(problem.split(":")[1]) for problem in problems]
     assert lines == [4, 5, 6, 7, 8, 9, 11, 12, 13, 14], problems
@@ -726,8 +726,8 @@ _ENTRIES = (
     "  - {name: d, hba: [{database: x, address: 10.0.0.0/8}, {database: y, address: all}]}\n"
     "  - {name: e, hba: [{database: x, address: 10.0.0.0/8}], generation: 2.0}\n"
     "servers:\n"
-    "  - {name: a.example.com, dns: [b.example.com, a.example.com], ip: ['fd00::01', 1.2.3.4]}\n"
-    "  - {name: b.example.com, ip: ['fd00::1'], validity: 48h, renew_before: 12h}\n"
+    "  - {name: a.example.com, dns: [c.example.com, a.example.com], ip: ['fd00::01', 1.2.3.4]}\n"
+    "  - {name: b.example.com, ip: ['fd00::2'], validity: 48h, renew_before: 12h}\n"
 )
 
 
@@ -774,7 +774,7 @@ def test_entries_get_their_values_and_the_defaults() -> None:
             90 * days,
             month,
             (*common, ("CN", "a.example.com")),
-            dns=("a.example.com", "b.example.com"),
+            dns=("a.example.com", "c.example.com"),
             ips=("fd00::1", "1.2.3.4"),
         ),
         LeafSpec(
@@ -785,7 +785,7 @@ def test_entries_get_their_values_and_the_defaults() -> None:
             RenewBefore(duration=timedelta(hours=12)),
             (*common, ("CN", "b.example.com")),
             dns=("b.example.com",),
-            ips=("fd00::1",),
+            ips=("fd00::2",),
         ),
     ]
     leaves = parse_desired(_ENTRIES).leaves

@@ -102,7 +102,7 @@ def test_pull_request_plan_changes_nothing(remote: Path) -> None:
     head = commits(work)[0]
     result = run(work / "state", "plan", "--markdown", "--detailed-exitcode", now=T0, environ={})
     assert result.code == 2
-    assert "`client/carol`" in result.out
+    assert "| client/carol |" in result.out
     assert run(work / "state", "validate", environ={}).code == 0
     assert commits(work)[0] == head
     assert git(work, "status", "--porcelain", "--untracked-files=all") == ""
@@ -203,6 +203,8 @@ def test_push_race_between_merge_job_and_renewal_job_converges(
     ca_file, key_file = tmp_path / "ca.pass", tmp_path / "key.pass"
     ca_file.write_text(SECRETS["RECONCILER_CA_PASSPHRASE"])
     key_file.write_text(SECRETS["RECONCILER_KEY_PASSPHRASE"])
+    ca_file.chmod(0o600)
+    key_file.chmod(0o600)
     marker = tmp_path / "raced"
     hook = renewal_job / ".git" / "hooks" / "pre-push"
     hook.write_text(

@@ -293,7 +293,7 @@ def test_plan_output_forms_and_detailed_exitcode(state: Path) -> None:
     assert "ACTION" in text.out
     assert "client/alice" in text.out
     markdown = run(state, "plan", "--markdown", now=T0)
-    assert "| **issue** | `client/alice` |" in markdown.out
+    assert "| **issue** | client/alice |" in markdown.out
     assert run(state, "plan", "--detailed-exitcode", now=T0).code == 2
     plan = plan_json(state, T0)
     assert plan["changes"] == 6

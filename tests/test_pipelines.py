@@ -59,10 +59,16 @@ def test_pull_request_workflow_plans_without_secrets() -> None:
     flow = load(WORKFLOWS / "plan.yml")
     triggers = flow[True]  # YAML 1.1 reads the key `on` as true
     assert set(triggers) == {"pull_request"}
-    assert "state/users.yaml" in triggers["pull_request"]["paths"]
+    # any change below state/ or to a .gitattributes runs it, and plan --base refuses all but
+    # users.yaml: a PR that swaps a certificate cannot slip past the plan job
+    assert triggers["pull_request"]["paths"] == ["state/**", "**/.gitattributes", "schema/**"]
     assert flow["permissions"] == {"contents": "read", "pull-requests": "write"}
     assert "secrets." not in text
-    assert "plan --markdown --detailed-exitcode" in text
+    assert 'plan --base "$BASE" --markdown --detailed-exitcode' in text
+    steps = flow["jobs"]["plan"]["steps"]
+    assert steps[0]["with"]["fetch-depth"] == 0
+    plan_step = next(step for step in steps if step.get("name") == "Plan")
+    assert plan_step["env"]["BASE"] == "origin/${{ github.base_ref }}"
     assert "GITHUB_STEP_SUMMARY" in text
 
 
@@ -70,7 +76,7 @@ def test_issuing_workflow_runs_on_merge_schedule_and_by_hand_in_one_group() -> N
     flow = load(WORKFLOWS / "reconcile.yml")
     triggers = flow[True]
     assert triggers["push"]["branches"] == ["main"]
-    assert triggers["push"]["paths"] == ["state/users.yaml"]
+    assert triggers["push"]["paths"] == ["state/**"]
     assert triggers["schedule"][0]["cron"]
     assert "workflow_dispatch" in triggers
     assert flow["permissions"] == {"contents": "write"}
@@ -84,13 +90,37 @@ def test_gitlab_pipeline_mirrors_the_three_flows() -> None:
     pipeline = load(ROOT / ".gitlab-ci.yml")
     plan_rules = pipeline["plan"]["rules"]
     assert plan_rules[0]["if"] == '$CI_PIPELINE_SOURCE == "merge_request_event"'
-    assert "RECONCILER_CA_PASSPHRASE" not in " ".join(pipeline["plan"]["script"])
+    assert plan_rules[0]["changes"] == ["state/**/*", "**/.gitattributes", "schema/**/*"]
+    script = " ".join(pipeline["plan"]["script"])
+    assert 'plan --base "origin/$CI_MERGE_REQUEST_TARGET_BRANCH_NAME"' in script
     reconcile = pipeline["reconcile"]
     assert reconcile["resource_group"] == "reconcile"
     sources = " ".join(rule["if"] for rule in reconcile["rules"])
     assert '"schedule"' in sources
     assert "$CI_DEFAULT_BRANCH" in sources
     assert "make renew" in reconcile["script"]
+
+
+def test_gitlab_merge_request_job_holds_no_token_its_code_could_read() -> None:
+    """The plan job runs the request's own code (its Makefile and pyproject.toml), so it must
+    use no secret and no token: the plan reaches the request as an exposed artifact, and the
+    file says every variable must be protected (GitLab gives protected variables only to
+    pipelines of protected branches)."""
+    text = (ROOT / ".gitlab-ci.yml").read_text()
+    pipeline = load(ROOT / ".gitlab-ci.yml")
+    plan = pipeline["plan"]
+    job = yaml.safe_dump(plan)
+    assert "RECONCILER_" not in job
+    assert "TOKEN" not in job
+    assert "curl" not in job
+    assert plan["artifacts"]["expose_as"] == "Certificate plan"
+    assert plan["artifacts"]["when"] == "always"
+    assert "masked AND protected" in text
+    assert "RECONCILER_API_TOKEN" not in text
+    variables_used = {word for word in text.split() if "RECONCILER_" in word}
+    assert all("PUSH_TOKEN" in word or "PASSPHRASE" in word for word in variables_used)
+    reconcile = pipeline["reconcile"]
+    assert all("merge_request" not in rule["if"] for rule in reconcile["rules"])
 
 
 def test_systemd_timer_is_persistent_and_randomized() -> None:

@@ -137,7 +137,7 @@ CA_CERT = CertFacts(
     is_ca=True,
 )
 CA = ObservedCA(CA_CERT, Found.OK, KeyFacts(Found.OK, "ca-key"))
-CRL = ObservedCRL(Found.OK, "", 3, NOW - 5 * DAY, NOW + 25 * DAY, frozenset())
+CRL = ObservedCRL(Found.OK, "", 3, NOW - 5 * DAY, NOW + 25 * DAY, ())
 
 
 def world(

@@ -29,13 +29,23 @@ user = st.fixed_dictionaries(
         "ou": st.sampled_from([None, "DBA", "Apps"]),
     }
 )
-server = st.fixed_dictionaries(
-    {
-        "name": st.sampled_from(SERVERS),
-        "dns": st.lists(st.sampled_from(["pg.acme.example", "vip.acme.example"]), unique=True),
-        "ip": st.lists(st.sampled_from(["10.0.0.1", "2001:db8::1"]), unique=True),
-    }
-)
+
+
+def _server(number: int) -> st.SearchStrategy[dict[str, object]]:
+    """A server with names of its own: two servers never claim one name."""
+    dns = [f"pg{number}.acme.example", f"vip{number}.acme.example"]
+    return st.fixed_dictionaries(
+        {
+            "name": st.just(SERVERS[number - 1]),
+            "dns": st.lists(st.sampled_from(dns), unique=True),
+            "ip": st.lists(
+                st.sampled_from([f"10.0.0.{number}", f"2001:db8::{number}"]), unique=True
+            ),
+        }
+    )
+
+
+server = st.one_of(_server(1), _server(2))
 desired_state = st.tuples(
     st.lists(user, max_size=5, unique_by=lambda u: u["name"]),
     st.lists(server, max_size=2, unique_by=lambda s: s["name"]),

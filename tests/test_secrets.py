@@ -65,6 +65,8 @@ def test_passphrase_files_given_by_flag(state: Path, tmp_path: Path) -> None:
     ca_file, key_file = tmp_path / "ca-pass", tmp_path / "key-pass"
     ca_file.write_text(CA_PASSPHRASE + "\n")
     key_file.write_text(KEY_PASSPHRASE + "\n")
+    ca_file.chmod(0o600)
+    key_file.chmod(0o600)
     result = run(
         state,
         "apply",
