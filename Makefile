@@ -9,7 +9,7 @@ WARN_DAYS       ?= 7
 PROMETHEUS_FILE ?=
 PROMETHEUS      := $(if $(PROMETHEUS_FILE),--prometheus $(PROMETHEUS_FILE))
 
-.PHONY: reconcile plan validate status renew export hba adopt test lint bench clean
+.PHONY: venv reconcile plan validate status renew export hba adopt test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,8 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
+
+venv: $(VENV)/.runtime ## create .venv and install the reconciler (the pipelines do it before the secrets)
 
 reconcile: $(VENV)/.runtime ## validate, plan, apply and commit state/users.yaml
 	$(RUN) apply $(ARGS)

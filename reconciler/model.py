@@ -473,7 +473,7 @@ class Plan:
     actions: tuple[Action, ...]
     blockers: tuple[str, ...] = ()  # problems apply refuses to repair on its own
     modes: tuple[tuple[str, int, int], ...] = ()  # (path, mode, wanted): every apply fixes them
-    signs: bool = False  # the changes need the CA key (and so the CA passphrase)
+    signs: bool = False  # the changes sign something: a certificate, the CRL or the ledger
     makes_keys: bool = False  # the changes make leaf keys (and so need the key passphrase)
 
     @property

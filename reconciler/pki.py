@@ -103,8 +103,14 @@ def encrypt_key(key: PrivateKey, passphrase: bytes) -> bytes:
 
 
 def decrypt_key(pem: bytes, passphrase: bytes) -> PrivateKey:
-    """Raise ValueError when the passphrase is wrong or the data is not a supported key."""
-    key = serialization.load_pem_private_key(pem, password=passphrase)
+    """Raise ValueError when the passphrase is wrong or the data is not a supported key.
+
+    An RSA key is not checked for consistency on loading (a quarter of a second for a 4096-bit
+    CA key, on every apply): these keys are ours, they open only with our passphrase, and the
+    CA key is then compared with ca.crt's public key."""
+    key = serialization.load_pem_private_key(
+        pem, password=passphrase, unsafe_skip_rsa_key_validation=True
+    )
     if not isinstance(
         key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
     ):

@@ -216,6 +216,12 @@ def _plan_ca(ctx: _Context) -> Action:
             "verify): restore it from git (git log -p -- ledger.jsonl shows the edit); only "
             "apply writes the ledger"
         )
+    if ca.cert.not_before > ctx.now:
+        ctx.block(
+            f"the CA is not valid before {format_time(ca.cert.not_before)} (the clock went "
+            "back, or the first apply ran with a later --now): no certificate it signs is "
+            f"accepted until then; set the clock right ({DOCS_CA})"
+        )
     reasons = [f"valid until {_day(ca.cert.not_after)}"]
     if _unfinished_first_apply(ctx.observed):
         reasons.append("an interrupted first apply left no ledger: this apply finishes it")
@@ -521,10 +527,9 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
         ctx.block(
             f"ca/crl.pem is valid for {lifetime / timedelta(days=1):.0f}d, longer than "
             f"crl.validity ({describe_duration(spec.validity)}) lets the reconciler sign it: "
-            "it was replaced "
-            "(a pull request may have swapped in a CA of its own: git log -- ca/), or "
-            "crl.validity was shortened; restore ca/ from git, or put the old crl.validity "
-            f"back until the CRL is next refreshed ({DOCS_CA})"
+            "it was replaced (a pull request may have swapped in a CA of its own: git log -- "
+            "ca/; restore ca/ from git), or crl.validity was shortened (then remove "
+            f"ca/crl.pem in the same change: apply signs a new one from the ledger) ({DOCS_CA})"
         )
     revoked = _still_revoked(ctx)
     for action in actions:
@@ -693,6 +698,9 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             now,
         )
         detail = "" if ca.key.found is Found.OK else f"ca.key {ca.key.found}"
+        if ca.cert.not_before > now:
+            row = dataclasses.replace(row, standing=Standing.UNUSABLE)
+            detail = f"not valid before {format_time(ca.cert.not_before)}"
         rows.append(dataclasses.replace(row, detail=detail))
     crl = observed.crl
     if crl.next_update is None:

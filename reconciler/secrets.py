@@ -156,7 +156,7 @@ def _from_file(path: Path, which: Which, origin: str) -> Passphrase:
         ) from None
     if mode & 0o077:
         raise SecretError(
-            f"the {which.label} passphrase file {path} is readable by others (mode "
+            f"the {which.label} passphrase file {path} is open to its group or others (mode "
             f"{mode & 0o777:04o}); make it private (chmod 600 {path}) and run again"
         )
     return _checked(data.rstrip(b"\r\n"), which, str(path))

@@ -67,6 +67,7 @@ def test_pull_request_workflow_plans_without_secrets() -> None:
     assert 'plan --base "$BASE" --markdown --detailed-exitcode' in text
     steps = flow["jobs"]["plan"]["steps"]
     assert steps[0]["with"]["fetch-depth"] == 0
+    assert steps[0]["with"]["persist-credentials"] is False  # no token for the request's code
     plan_step = next(step for step in steps if step.get("name") == "Plan")
     assert plan_step["env"]["BASE"] == "origin/${{ github.base_ref }}"
     assert "GITHUB_STEP_SUMMARY" in text
@@ -84,6 +85,9 @@ def test_issuing_workflow_runs_on_merge_schedule_and_by_hand_in_one_group() -> N
     steps = flow["jobs"]["reconcile"]["steps"]
     apply = next(step for step in steps if step.get("run") == "make renew")
     assert set(apply["env"]) >= {"RECONCILER_CA_PASSPHRASE", "RECONCILER_KEY_PASSPHRASE"}
+    install = next(step for step in steps if step.get("run") == "make venv")
+    assert steps.index(install) < steps.index(apply)  # pip runs before any secret is set
+    assert "env" not in install
 
 
 def test_gitlab_pipeline_mirrors_the_three_flows() -> None:
@@ -121,6 +125,11 @@ def test_gitlab_merge_request_job_holds_no_token_its_code_could_read() -> None:
     assert all("PUSH_TOKEN" in word or "PASSPHRASE" in word for word in variables_used)
     reconcile = pipeline["reconcile"]
     assert all("merge_request" not in rule["if"] for rule in reconcile["rules"])
+    # git and the install run without the passphrases; only `make renew` has them
+    script = reconcile["script"]
+    assert script[-1] == "make renew"
+    assert script[-2] == "$NO_SECRETS make venv"
+    assert all(line.startswith("$NO_SECRETS ") for line in script[1:-1])
 
 
 def test_systemd_timer_is_persistent_and_randomized() -> None:

@@ -392,24 +392,34 @@ def test_a_checkout_that_converts_line_ends_still_plans_and_applies(
 
 
 def test_a_clock_gone_back_re_signs_the_crl_and_re_issues(tmp_path: Path) -> None:
-    """A drill ran with --now a month ahead; back at the real time, the CRL and the
-    certificates it issued are not valid yet: PostgreSQL would refuse everyone."""
+    """A drill ran with --now forty days ahead (renewals, a new CRL); back at the real time,
+    the CRL and the certificates it issued are not valid yet: PostgreSQL would refuse
+    everyone. A CA made in the future blocks, since nothing it signs is valid yet."""
     state = tmp_path / "state"
     state.mkdir()
     (state / "users.yaml").write_text(users_yaml("  - name: alice\n"))
-    ahead = T0 + timedelta(days=40)
+    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    ahead, back = T0 + timedelta(days=40), T0 + timedelta(days=1)
     assert run(state, "apply", "--no-commit", now=ahead).code == 0
-    status = run(state, "status", "--warn-days", "7", now=T0, environ={})
+    status = run(state, "status", "--warn-days", "7", now=back, environ={})
     assert status.code == 1
     assert "not valid before" in status.out
-    planned = run(state, "plan", now=T0, environ={})
+    planned = run(state, "plan", now=back, environ={})
     assert "CRL not valid before" in planned.out
     assert "not valid before" in planned.out.split("client/alice", 1)[1]
-    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    assert run(state, "apply", "--no-commit", now=back).code == 0
     crl = x509.load_pem_x509_crl((state / "ca" / "crl.pem").read_bytes())
-    assert crl.last_update_utc <= T0
+    assert crl.last_update_utc <= back
     leaf = x509.load_pem_x509_certificate((state / "clients" / "alice.crt").read_bytes())
-    assert leaf.not_valid_before_utc <= T0
+    assert leaf.not_valid_before_utc <= back
+
+    future = tmp_path / "future"
+    future.mkdir()
+    (future / "users.yaml").write_text(users_yaml("  - name: alice\n"))
+    assert run(future, "apply", "--no-commit", now=ahead).code == 0
+    blocked = run(future, "plan", now=T0, environ={})
+    assert blocked.code == 1
+    assert "the CA is not valid before" in blocked.out
 
 
 # --------------------------------------------------------------------------- 9. a first apply
@@ -579,7 +589,7 @@ def test_passphrase_files_readable_by_others_are_refused(tmp_path: Path) -> None
     result = run(state, "apply", "--no-commit", "--ca-passphrase-file", str(ca_file), now=T0,
                  environ=environ)  # fmt: skip
     assert result.code == 1
-    assert "readable by others" in result.err
+    assert "open to its group or others" in result.err
     ca_file.chmod(0o600)
     assert run(state, "apply", "--no-commit", "--ca-passphrase-file", str(ca_file), now=T0,
                environ=environ).code == 0  # fmt: skip
