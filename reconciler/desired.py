@@ -71,10 +71,20 @@ def _is_valid() -> Callable[[Any], Any]:
     return fastjsonschema.compile(copy.deepcopy(schema()))  # it rewrites the $refs it is given
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def format_path(path: DocPath) -> str:
+    """users[3].validity; a key that is not plain (a dot, a space, a line break) is quoted, so
+    a message stays one line that says exactly which key."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(part):
+            text += f"[{part!r}]"
+        else:
+            text += f".{part}" if text else part
     return text or "(top level)"
 
 

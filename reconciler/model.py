@@ -252,6 +252,20 @@ class LedgerEntry:
     def ref(self) -> LeafRef:
         return LeafRef(self.kind, self.name)
 
+    def facts(self, subject: Subject) -> CertFacts:
+        """What the certificate this entry records says: checked when it was issued."""
+        return CertFacts(
+            serial=self.serial,
+            subject=subject,
+            dns=self.dns,
+            ips=self.ips,
+            key=self.key,
+            not_before=self.not_before,
+            not_after=self.not_after,
+            fingerprint=self.fingerprint,
+            signed_by_ca=True,
+        )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ledger:

@@ -125,23 +125,8 @@ class _Observer:
                     continue
                 data = cert_read.data
                 entry = known.get(pem.fingerprint(data) or "")
-                if (
-                    entry is not None
-                    and entry.subject is not None
-                    and (entry.kind, entry.name) == ref
-                ):
-                    facts = CertFacts(
-                        serial=entry.serial,
-                        subject=entry.subject,
-                        dns=entry.dns,
-                        ips=entry.ips,
-                        key=entry.key,
-                        not_before=entry.not_before,
-                        not_after=entry.not_after,
-                        fingerprint=entry.fingerprint,
-                        signed_by_ca=True,  # checked when it was issued and recorded
-                    )
-                    leaves.append(ObservedLeaf(ref, facts, Found.OK, key))
+                if entry is not None and entry.subject is not None and entry.ref == ref:
+                    leaves.append(ObservedLeaf(ref, entry.facts(entry.subject), Found.OK, key))
                     continue
                 try:
                     leaves.append(ObservedLeaf(ref, _parse(data, ca_cert), Found.OK, key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,21 @@ from reconciler.model import Ledger
 CA_PASSPHRASE = "correct horse battery staple CA"
 KEY_PASSPHRASE = "correct horse battery staple keys"
 SECRETS = {"RECONCILER_CA_PASSPHRASE": CA_PASSPHRASE, "RECONCILER_KEY_PASSPHRASE": KEY_PASSPHRASE}
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "CI Bot",
+    "GIT_AUTHOR_EMAIL": "ci@example.invalid",
+    "GIT_COMMITTER_NAME": "CI Bot",
+    "GIT_COMMITTER_EMAIL": "ci@example.invalid",
+}
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git with an identity of its own; its output, stripped. Fails the test on an error."""
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env={**os.environ, **GIT_IDENTITY}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout.strip()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -410,6 +410,7 @@ _TOKENS = [
 @_FUZZ
 @given(st.lists(st.sampled_from(_TOKENS), max_size=40).map("".join))
 @example("users:\n!!binary version: 1\n")  # a tagged key once hid the schema's problems
+@example('"a\\nb": 1\n')  # a key with a line break once made a message two lines
 def test_fuzz_token_soup(text: str) -> None:
     _check_loader(text)
 
@@ -550,6 +551,8 @@ def test_error_path_names_the_entry_index() -> None:
         (("users", 0, "hba", 2, "address"), "users[0].hba[2].address"),
         (("ca", "subject", "C"), "ca.subject.C"),
         ((), "(top level)"),
+        (("users", 0, "a\nb"), "users[0]['a\\nb']"),
+        (("x.y",), "['x.y']"),
     ],
 )
 def test_format_path(path: tuple[str | int, ...], text: str) -> None:

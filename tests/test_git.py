@@ -7,7 +7,6 @@ guard; and a scan of every blob ever committed for an unencrypted private key.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from support import SECRETS, at, cert, run, users_yaml
+from support import GIT_IDENTITY, SECRETS, at, cert, git, run, users_yaml
 
 from reconciler import record
 from reconciler.engine import plan_state
@@ -24,33 +23,10 @@ from reconciler.pem import PLAINTEXT_KEY
 
 T0 = at("2027-01-01T00:00:00Z")
 USERS = "  - name: alice\n  - name: bob\n"
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "CI Bot",
-    "GIT_AUTHOR_EMAIL": "ci@example.invalid",
-    "GIT_COMMITTER_NAME": "CI Bot",
-    "GIT_COMMITTER_EMAIL": "ci@example.invalid",
-}
-ENV = {**SECRETS, **IDENTITY}
+ENV = {**SECRETS, **GIT_IDENTITY}
 
 
-def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, **IDENTITY}
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
-
-
-@pytest.fixture(autouse=True)
-def isolated_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No global or system git configuration leaks in from the machine."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for name in IDENTITY:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_git")
 
 
 @pytest.fixture

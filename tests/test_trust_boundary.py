@@ -22,11 +22,13 @@ import pytest
 from cryptography import x509
 from support import (
     CA_PASSPHRASE,
+    GIT_IDENTITY,
     KEY_PASSPHRASE,
     SECRETS,
     at,
     crl_serials,
     files_under,
+    git,
     iso,
     ledger_of,
     run,
@@ -37,32 +39,11 @@ from reconciler.model import CertStatus
 
 T0 = at("2027-01-01T00:00:00Z")
 USERS = "  - name: alice\n  - name: bob\n  - name: carol\n"
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "CI Bot",
-    "GIT_AUTHOR_EMAIL": "ci@example.invalid",
-    "GIT_COMMITTER_NAME": "CI Bot",
-    "GIT_COMMITTER_EMAIL": "ci@example.invalid",
-}
-ENV = {**SECRETS, **IDENTITY}
+ENV = {**SECRETS, **GIT_IDENTITY}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, env={**os.environ, **IDENTITY}, capture_output=True, text=True
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)}: {done.stderr}")
-    return done.stdout.strip()
-
-
-@pytest.fixture(autouse=True)
-def isolated_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+pytestmark = pytest.mark.usefixtures("isolated_git")
 
 
 @pytest.fixture
