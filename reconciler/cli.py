@@ -409,7 +409,8 @@ def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -
     ]
     if soon:
         err.write(
-            f"reconciler: within {args.warn_days} days: {', '.join(soon)}; run `make renew`.\n"
+            f"reconciler: unusable, or running out within {args.warn_days} days: "
+            f"{', '.join(soon)}; run `make renew`.\n"
         )
         return EXIT_USER
     return EXIT_OK

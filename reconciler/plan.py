@@ -351,10 +351,6 @@ def renewal_window(spec: LeafSpec, cert: CertFacts) -> timedelta:
 
 
 def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
-    if leaf is not None and Found.UNREADABLE in (leaf.found, leaf.key.found):
-        bad = layout.leaf_cert(ref) if leaf.found is Found.UNREADABLE else layout.leaf_key(ref)
-        ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
-        return Noop(str(ref), ("blocked: see below",))
     entries = ctx.entries.get(ref, [])
     current = leaf.cert if leaf is not None else None
     serial = current.serial if current is not None else None
@@ -450,10 +446,6 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
 
 
 def _plan_removal(ctx: _Context, ref: LeafRef, leaf: ObservedLeaf | None) -> Action:
-    if leaf is not None and Found.UNREADABLE in (leaf.found, leaf.key.found):
-        bad = layout.leaf_cert(ref) if leaf.found is Found.UNREADABLE else layout.leaf_key(ref)
-        ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
-        return Noop(str(ref), ("blocked: see below",))
     adopt = _adoptable(ctx, leaf)
     live = [e for e in (*ctx.entries.get(ref, ()), *adopt) if _live(e, ctx.now)]
     revoke = tuple(ctx.revocation(e.serial, RevocationReason.CESSATION_OF_OPERATION) for e in live)
@@ -625,11 +617,14 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         if ref not in specs and any(_live(entry, now) for entry in entries)
     }
     for ref in sorted([*specs, *removed]):
-        spec = specs.get(ref)
+        spec, leaf = specs.get(ref), leaves.get(ref)
+        if leaf is not None and Found.UNREADABLE in (leaf.found, leaf.key.found):
+            bad = layout.leaf_cert(ref) if leaf.found is Found.UNREADABLE else layout.leaf_key(ref)
+            ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
+            actions.append(Noop(str(ref), ("blocked: see below",)))
+            continue
         actions.append(
-            _plan_leaf(ctx, ref, spec, leaves.get(ref))
-            if spec is not None
-            else _plan_removal(ctx, ref, leaves.get(ref))
+            _plan_leaf(ctx, ref, spec, leaf) if spec is not None else _plan_removal(ctx, ref, leaf)
         )
     actions.append(_plan_crl(ctx, actions))
     temp_files = _plan_temp_files(ctx)

@@ -401,6 +401,9 @@ def test_a_clock_gone_back_re_signs_the_crl_and_re_issues(tmp_path: Path) -> Non
     blocked = run(future, "plan", now=T0, environ={})
     assert blocked.code == 1
     assert "the CA is not valid before" in blocked.out
+    warned = run(future, "status", "--warn-days", "7", now=T0, environ={})
+    assert warned.code == 1
+    assert "ca/Test CA (unusable, 3690 days left)" in warned.err
 
 
 # --------------------------------------------------------------------------- 9. a first apply
