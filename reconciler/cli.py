@@ -265,11 +265,14 @@ def _plan(
     return EXIT_CHANGES if args.detailed_exitcode and plan.changes else EXIT_OK
 
 
-def _write_prometheus(path: Path, rows: Sequence[Held], success: datetime | None) -> None:
+def _write_prometheus(
+    path: Path, state: Path, rows: Sequence[Held], success: datetime | None
+) -> None:
     last = success.timestamp() if success is not None else None
     if last is None and path.exists():
         last = render.last_success_in(path.read_text("utf-8", errors="replace"))
-    atomic_write(path, render.prometheus(rows, last).encode(), 0o644)
+    text = render.prometheus(rows, last, environment=state.absolute().name)
+    atomic_write(path, text.encode(), 0o644)
 
 
 def _progress(args: argparse.Namespace, err: TextIO) -> ProgressFactory | None:
@@ -345,7 +348,7 @@ def _apply(
             "left to push. Certificates made in the discarded attempt were never committed.\n"
         )
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, engine.status(args.state, now), now)
+        _write_prometheus(args.prometheus, args.state, engine.status(args.state, now), now)
     return EXIT_OK
 
 
@@ -399,7 +402,7 @@ def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -
     rows = engine.status(args.state, now)
     out.write(render.status_json(rows, now) if args.json else render.status_text(rows, now))
     if args.prometheus is not None:
-        _write_prometheus(args.prometheus, rows, None)
+        _write_prometheus(args.prometheus, args.state, rows, None)
     if args.warn_days is None:
         return EXIT_OK
     soon = [

@@ -251,38 +251,43 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus(rows: Sequence[Held], last_success: float | None) -> str:
-    """node_exporter textfile: expiry per current certificate, CRL next update, last success."""
+def prometheus(rows: Sequence[Held], last_success: float | None, environment: str) -> str:
+    """node_exporter textfile: expiry per current certificate, CRL next update, last success.
+    Every sample carries the environment (the state directory's name): environments may hold
+    the same names, and node_exporter refuses the same series twice."""
+    env = f'environment="{_label(environment)}"'
     samples: dict[str, list[str]] = {name: [] for name in _PROMETHEUS_HELP}
     for row in rows:
         if row.not_after is None or row.standing.value in ("superseded", "revoked"):
             continue
         value = f"{row.not_after.timestamp():.0f}"
         if row.kind == "crl":
-            samples["reconciler_crl_next_update_timestamp_seconds"].append(value)
+            samples["reconciler_crl_next_update_timestamp_seconds"].append(f"{{{env}}} {value}")
             continue
         labels = (
-            f'kind="{row.kind}",name="{_label(row.name)}",'
+            f'{env},kind="{row.kind}",name="{_label(row.name)}",'
             f'serial="{_serial(row.serial, short=False)}",state="{row.standing.value}"'
         )
         samples["reconciler_certificate_expiry_timestamp_seconds"].append(f"{{{labels}}} {value}")
     if last_success is not None:
-        samples["reconciler_last_success_timestamp_seconds"].append(f"{last_success:.0f}")
+        samples["reconciler_last_success_timestamp_seconds"].append(
+            f"{{{env}}} {last_success:.0f}"
+        )
     lines = []
     for name, values in samples.items():
         if not values:
             continue
         lines += [f"# HELP {name} {_PROMETHEUS_HELP[name]}", f"# TYPE {name} gauge"]
-        lines += [f"{name}{v}" if v.startswith("{") else f"{name} {v}" for v in values]
+        lines += [f"{name}{v}" for v in values]
     return "\n".join(lines) + "\n"
 
 
 def last_success_in(textfile: str) -> float | None:
     """The last-success value an earlier textfile holds, so status keeps it."""
     for line in textfile.splitlines():
-        if line.startswith("reconciler_last_success_timestamp_seconds "):
+        if line.startswith("reconciler_last_success_timestamp_seconds"):
             try:
-                return float(line.split()[1])
+                return float(line.split()[-1])
             except (IndexError, ValueError):
                 return None
     return None

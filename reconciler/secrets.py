@@ -48,8 +48,12 @@ VARIABLES = tuple(name for which in Which for name in (which.env, f"{which.env}_
 
 
 def default_secrets_dir(state_dir: Path) -> Path:
-    """.secrets beside the state directory (never inside it: everything there is committed)."""
-    return state_dir.absolute().parent / layout.SECRETS_DIR
+    """.secrets beside the state directory (never inside it: everything there is committed);
+    an environment's, state/ENV, is .secrets/ENV beside state/, so each has its own."""
+    state_dir = state_dir.absolute()
+    if state_dir.parent.name == "state":
+        return state_dir.parent.parent / layout.SECRETS_DIR / state_dir.name
+    return state_dir.parent / layout.SECRETS_DIR
 
 
 class Passphrase:

@@ -21,6 +21,9 @@ def state(tmp_path: Path) -> Path:
     return directory
 
 
+ENV = 'environment="state"'  # the state directory's name (the fixture's is "state")
+
+
 def metrics(text: str) -> dict[str, float]:
     found = {}
     for line in text.splitlines():
@@ -52,17 +55,17 @@ def test_prometheus_textfile_has_expiry_crl_and_last_success(state: Path, tmp_pa
     alice = cert(state / "clients" / "alice.crt")
     serial = format(alice.serial_number, "040x")
     key = (
-        f'reconciler_certificate_expiry_timestamp_seconds{{kind="client",name="alice",'
+        f'reconciler_certificate_expiry_timestamp_seconds{{{ENV},kind="client",name="alice",'
         f'serial="{serial}",state="valid"}}'
     )
     assert values[key] == alice.not_valid_after_utc.timestamp()
     assert any('name="o\\"q"' in name for name in values)  # label values are escaped
     assert (
-        values["reconciler_crl_next_update_timestamp_seconds"]
+        values[f"reconciler_crl_next_update_timestamp_seconds{{{ENV}}}"]
         == (T0 + timedelta(days=30)).timestamp()
     )
     assert (
-        values["reconciler_last_success_timestamp_seconds"] == (T0 + timedelta(hours=1)).timestamp()
+        values[f"reconciler_last_success_timestamp_seconds{{{ENV}}}"] == (T0 + timedelta(hours=1)).timestamp()
     )
     assert textfile.stat().st_mode & 0o777 == 0o644
     assert re.search(
@@ -75,6 +78,6 @@ def test_prometheus_textfile_has_expiry_crl_and_last_success(state: Path, tmp_pa
     assert run(state, "status", "--prometheus", str(textfile), now=T0 + timedelta(days=2)).code == 0
     again = metrics(textfile.read_text())
     assert (
-        again["reconciler_last_success_timestamp_seconds"] == (T0 + timedelta(hours=1)).timestamp()
+        again[f"reconciler_last_success_timestamp_seconds{{{ENV}}}"] == (T0 + timedelta(hours=1)).timestamp()
     )
     assert not list(tmp_path.glob(".*.tmp"))
