@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from reconciler import __version__, engine, layout, render
+from reconciler import desired as desired_stage
 from reconciler import export as export_stage
 from reconciler import hba as hba_stage
 from reconciler.apply import Progress, ProgressFactory
@@ -237,8 +238,11 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _validate(args: argparse.Namespace, out: TextIO) -> int:
+def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     desired = engine.validate(args.state)
+    warning = desired_stage.tls12_warning(desired)
+    if warning is not None:
+        err.write(f"warning: {warning}\n")
     users = sum(1 for leaf in desired.leaves if leaf.kind.value == "client")
     servers = len(desired.leaves) - users
     out.write(
@@ -435,7 +439,7 @@ def main(
         now = _parse_now(args.now)
         handlers: dict[str, Callable[[], int]] = {
             "init": lambda: _init(args, out),
-            "validate": lambda: _validate(args, out),
+            "validate": lambda: _validate(args, out, err),
             "plan": lambda: _plan(args, now, env, out, err),
             "apply": lambda: _apply(args, now, env, out, err),
             "reconcile": lambda: _apply(args, now, env, out, err),

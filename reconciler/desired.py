@@ -771,6 +771,25 @@ def parse_desired(text: str, display: str = "users.yaml") -> Desired:
     return desired
 
 
+def tls12_warning(desired: Desired) -> str | None:
+    """PostgreSQL up to 17 offers one key-exchange curve (ssl_ecdh_curve, prime256v1 unless
+    set), and on TLS 1.2 OpenSSL refuses a client certificate on another curve ("wrong
+    curve"); TLS 1.3 does not tie the two. tests/test_curves.py shows it on PostgreSQL 15."""
+    p384 = [
+        leaf.name
+        for leaf in desired.leaves
+        if leaf.kind is CertKind.CLIENT and leaf.key is KeyType.ECDSA_P384
+    ]
+    if not p384:
+        return None
+    return (
+        f"users on ecdsa-p384 ({', '.join(p384[:5])}{', …' if len(p384) > 5 else ''}) fail "
+        "on TLS 1.2 unless the server's ssl_ecdh_curve is secp384r1, which fails ecdsa-p256 "
+        "users instead; set ssl_min_protocol_version = 'TLSv1.3' on the servers "
+        "(docs/postgresql.md#ecdsa-p-384-clients-and-tls-12)"
+    )
+
+
 def load_desired(store: StateDir) -> Desired:
     """Read (never through a link) and validate the state directory's users.yaml."""
     display = str(store.path(layout.USERS_YAML))
