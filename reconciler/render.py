@@ -270,9 +270,7 @@ def prometheus(rows: Sequence[Held], last_success: float | None, environment: st
         )
         samples["reconciler_certificate_expiry_timestamp_seconds"].append(f"{{{labels}}} {value}")
     if last_success is not None:
-        samples["reconciler_last_success_timestamp_seconds"].append(
-            f"{{{env}}} {last_success:.0f}"
-        )
+        samples["reconciler_last_success_timestamp_seconds"].append(f"{{{env}}} {last_success:.0f}")
     lines = []
     for name, values in samples.items():
         if not values:

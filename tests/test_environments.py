@@ -84,20 +84,22 @@ def test_each_environment_has_its_own_ca_and_passphrases(repo: Path, tmp_path: P
     # without ENV, renew runs for every environment, pushes, and writes one textfile each
     done = make(repo, "renew", f"PROMETHEUS_FILE={tmp_path}/reconciler-%.prom")
     assert done.returncode == 0, done.stderr
-    assert "== renew state/acc" in done.stdout and "== renew state/prod" in done.stdout
+    assert "== renew state/acc" in done.stdout
+    assert "== renew state/prod" in done.stdout
     assert (repo / "state/prod/clients/bob.crt").exists()
     assert ca_of(repo, "acc").public_key() != ca_of(repo, "prod").public_key()
     for env, (ca_passphrase, _) in PASSPHRASES.items():
         ca_key = (repo / "state" / env / "ca" / "ca.key").read_bytes()
         load_pem_private_key(ca_key, ca_passphrase.encode())  # its own passphrase opens it
         other = PASSPHRASES["prod" if env == "acc" else "acc"][0]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="password"):
             load_pem_private_key(ca_key, other.encode())
         textfile = (tmp_path / f"reconciler-{env}.prom").read_text()
         assert f'reconciler_crl_next_update_timestamp_seconds{{environment="{env}"}}' in textfile
     assert git(repo, "rev-parse", "HEAD") == git(repo, "rev-parse", "origin/main")
     remote_files = git(repo, "ls-tree", "-r", "--name-only", "origin/main", "state")
-    assert "state/acc/ca/ca.crt" in remote_files and "state/prod/ca/ca.crt" in remote_files
+    assert "state/acc/ca/ca.crt" in remote_files
+    assert "state/prod/ca/ca.crt" in remote_files
 
 
 def test_renew_goes_on_past_a_failed_environment_and_fails_at_the_end(repo: Path) -> None:
@@ -145,7 +147,8 @@ def test_a_change_plans_and_applies_only_the_environments_it_touches(repo: Path)
         "state/prod",
     ]
     done = make(repo, "renew", f"SINCE={git(repo, 'rev-parse', 'HEAD')}")
-    assert done.returncode == 0 and "== renew" not in done.stdout  # nothing changed since
+    assert done.returncode == 0
+    assert "== renew" not in done.stdout
 
 
 def plan_script(ci: str) -> str:
@@ -184,7 +187,8 @@ def test_pull_request_plan_covers_each_touched_environment(
     )
     assert done.returncode == 0, done.stderr  # exit 2 of plan (changes) is a success
     plan = (repo / "plan.md").read_text()
-    assert "## `state/acc`" in plan and "state/prod" not in plan
+    assert "## `state/acc`" in plan
+    assert "state/prod" not in plan
     assert "client/bob" in plan
     assert plan in (summary.read_text() if ci == "github" else done.stdout)
 

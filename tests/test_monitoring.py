@@ -22,6 +22,7 @@ def state(tmp_path: Path) -> Path:
 
 
 ENV = 'environment="state"'  # the state directory's name (the fixture's is "state")
+LAST_SUCCESS = f"reconciler_last_success_timestamp_seconds{{{ENV}}}"
 
 
 def metrics(text: str) -> dict[str, float]:
@@ -64,9 +65,7 @@ def test_prometheus_textfile_has_expiry_crl_and_last_success(state: Path, tmp_pa
         values[f"reconciler_crl_next_update_timestamp_seconds{{{ENV}}}"]
         == (T0 + timedelta(days=30)).timestamp()
     )
-    assert (
-        values[f"reconciler_last_success_timestamp_seconds{{{ENV}}}"] == (T0 + timedelta(hours=1)).timestamp()
-    )
+    assert values[LAST_SUCCESS] == (T0 + timedelta(hours=1)).timestamp()
     assert textfile.stat().st_mode & 0o777 == 0o644
     assert re.search(
         r"^# TYPE reconciler_crl_next_update_timestamp_seconds gauge$",
@@ -77,7 +76,5 @@ def test_prometheus_textfile_has_expiry_crl_and_last_success(state: Path, tmp_pa
     # status rewrites the file and keeps the last success of the apply before it
     assert run(state, "status", "--prometheus", str(textfile), now=T0 + timedelta(days=2)).code == 0
     again = metrics(textfile.read_text())
-    assert (
-        again[f"reconciler_last_success_timestamp_seconds{{{ENV}}}"] == (T0 + timedelta(hours=1)).timestamp()
-    )
+    assert again[LAST_SUCCESS] == (T0 + timedelta(hours=1)).timestamp()
     assert not list(tmp_path.glob(".*.tmp"))
