@@ -150,24 +150,27 @@ def _build_parser() -> _Parser:
             metavar="FILE",
             help="write a node_exporter textfile with expiries and this success",
         )
-        for which in Which:
-            apply.add_argument(
-                which.flag,
-                type=Path,
-                metavar="FILE",
-                help=f"read the {which.label} passphrase from FILE instead of ${which.env}",
-            )
+        _passphrase_files(apply, Which.CA, Which.KEY)
     export = command("export", "write one certificate, its key, the CA and the CRL for PostgreSQL")
-    export.add_argument("name", help="the user (--layout libpq) or server (--layout server)")
+    export.add_argument("name", help="a user (--layout libpq, jdbc) or a server (--layout server)")
     export.add_argument("--layout", choices=sorted(export_stage.LAYOUTS), required=True)
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.add_argument(
         "--encrypted",
         action="store_true",
-        help="keep the key encrypted (libpq's sslpassword is then the key passphrase)",
+        help="keep the key encrypted: under the export passphrase when one is set, else as "
+        "stored, under the key passphrase, which opens every stored key",
+    )
+    export.add_argument(
+        "--with-crl",
+        action="store_true",
+        help="libpq: also write root.crl; once that copy is stale libpq refuses every server",
+    )
+    export.add_argument(
+        "--owner", metavar="USER[:GROUP]", help="give DIR and its files to USER (and GROUP)"
     )
     export.add_argument("--force", action="store_true", help="replace files that differ")
-    export.add_argument(Which.KEY.flag, type=Path, metavar="FILE")
+    _passphrase_files(export, Which.KEY, Which.EXPORT)
     hba = command("hba", "print the pg_hba.conf fragment, or check a file")
     hba.add_argument(
         "--check",
@@ -190,6 +193,16 @@ def _build_parser() -> _Parser:
         "--prometheus", type=Path, metavar="FILE", help="write a node_exporter textfile"
     )
     return parser
+
+
+def _passphrase_files(parser: argparse.ArgumentParser, *whiches: Which) -> None:
+    for which in whiches:
+        parser.add_argument(
+            which.flag,
+            type=Path,
+            metavar="FILE",
+            help=f"read the {which.label} passphrase from FILE instead of ${which.env}",
+        )
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -360,7 +373,6 @@ def _export(
     args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
     snap = engine.snapshot(args.state)
-    sources = _sources(args, environ)
     result = export_stage.export(
         make_plan(snap.desired, snap.observed, now=now),
         make_status(snap.desired, snap.observed, now=now),
@@ -368,8 +380,10 @@ def _export(
         args.name,
         args.layout,
         args.out,
-        key_passphrase=None if args.encrypted else sources.find(Which.KEY),
+        sources=_sources(args, environ),
         encrypted=args.encrypted,
+        with_crl=args.with_crl,
+        owner=args.owner,
         force=args.force,
     )
     for warning in result.warnings:

@@ -1,14 +1,19 @@
-"""Export one certificate with its key, the CA and the CRL in the layout libpq or a PostgreSQL
-server expects. Which certificate is usable is the plan's decision; this module only copies.
+"""Export one certificate with its key, the CA and the CRL in the layout libpq, pgjdbc or a
+PostgreSQL server expects. Which certificate to use is the plan's decision; this module copies
+it, with the key decrypted, re-encrypted under a one-time export passphrase, or as DER.
 
-libpq:  postgresql.crt, postgresql.key (0600), root.crt, root.crl
+libpq:  postgresql.crt, postgresql.key (0600), root.crt; root.crl only with --with-crl
+jdbc:   postgresql.crt, postgresql.pk8 (PKCS#8 DER, 0600), root.crt
 server: server.crt (leaf, then any intermediates), server.key (0600), root.crt, root.crl
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import grp
 import os
+import pwd
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,11 +32,12 @@ from reconciler.model import (
     Standing,
     format_time,
 )
-from reconciler.secrets import Passphrase
+from reconciler.secrets import SecretSources, Which
 from reconciler.store import StateDir, atomic_write
 
-LAYOUTS = {
+LAYOUTS = {  # kind, certificate file, key file; a .pk8 key is PKCS#8 DER
     "libpq": (CertKind.CLIENT, "postgresql.crt", "postgresql.key"),
+    "jdbc": (CertKind.CLIENT, "postgresql.crt", "postgresql.pk8"),
     "server": (CertKind.SERVER, "server.crt", "server.key"),
 }
 OUT_DIR_MODE = 0o700
@@ -91,11 +97,19 @@ def export(
     layout_name: str,
     out_dir: Path,
     *,
-    key_passphrase: Passphrase | None,
+    sources: SecretSources,
     encrypted: bool = False,
+    with_crl: bool = False,
+    owner: str | None = None,
     force: bool = False,
 ) -> Exported:
     kind, cert_file, key_file = LAYOUTS[layout_name]
+    if with_crl and layout_name == "jdbc":
+        raise UsageError("pgjdbc cannot read a CRL: leave out --with-crl with --layout jdbc")
+    export_passphrase = sources.find(Which.EXPORT)
+    if export_passphrase is not None and not encrypted:
+        raise UsageError("an export passphrase only applies with --encrypted: add it, or unset it")
+    owner_ids = None if owner is None else _owner_ids(owner)
     ref = LeafRef(kind, name)
     warnings = _refusal_and_warnings(plan, status, ref, layout_name)
     reads = [
@@ -105,13 +119,9 @@ def export(
     if any(read.found is not Found.OK for read in reads):
         raise StateError("the state directory changed while exporting; run the command again")
     cert_pem, key_pem, ca_pem, crl_pem = (read.data for read in reads)
-    if not encrypted:
-        if key_passphrase is None:
-            raise SecretError(
-                "exporting a decrypted key needs the key passphrase: set "
-                "RECONCILER_KEY_PASSPHRASE or --key-passphrase-file, or export "
-                "it still encrypted with --encrypted"
-            )
+    if not encrypted or export_passphrase is not None:
+        why = "the key is exported decrypted or re-encrypted (--encrypted alone keeps it as stored)"
+        key_passphrase = sources.require(Which.KEY, why)
         try:
             key = pki.decrypt_key(key_pem, key_passphrase.reveal())
         except (ValueError, TypeError):
@@ -119,13 +129,19 @@ def export(
                 f"the key passphrase from {key_passphrase.origin} does not unlock "
                 f"{layout.leaf_key(ref)}; nothing was written"
             ) from None
-        key_pem = pki.unencrypted_key_pem(key)
+        key_pem = (
+            pki.unencrypted_key_pem(key)
+            if export_passphrase is None
+            else pki.encrypt_key(key, export_passphrase.reveal())
+        )
+    key_data = _der(key_pem) if key_file.endswith(".pk8") else key_pem
     files = [
         (out_dir / cert_file, cert_pem, layout.PUBLIC_MODE),
-        (out_dir / key_file, key_pem, layout.KEY_MODE),
+        (out_dir / key_file, key_data, layout.KEY_MODE),
         (out_dir / "root.crt", ca_pem, layout.PUBLIC_MODE),
-        (out_dir / "root.crl", crl_pem, layout.PUBLIC_MODE),
     ]
+    if with_crl or kind is CertKind.SERVER:  # the server checks client certificates against it
+        files.append((out_dir / "root.crl", crl_pem, layout.PUBLIC_MODE))
     unchanged = [path for path, data, _ in files if _same(path, data)]
     clashes = [path for path, _, _ in files if path.exists() and path not in unchanged]
     if clashes and not force:
@@ -134,15 +150,39 @@ def export(
             f"{'it' if len(clashes) == 1 else 'them'} (nothing was written)"
         )
     out_dir.mkdir(mode=OUT_DIR_MODE, parents=True, exist_ok=True)
+    if owner_ids is not None:  # the directory first: when that is refused, no file is written
+        try:
+            os.chown(out_dir, *owner_ids)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot give {out_dir} to {owner} ({exc.strerror}); run the export as root, "
+                "or leave out --owner (no file was written)"
+            ) from None
     written = []
     for path, data, mode in files:
-        if path in unchanged:
-            if (path.stat().st_mode & 0o777) != mode:
-                os.chmod(path, mode)
-            continue
-        atomic_write(path, data, mode)
-        written.append(path)
+        if path not in unchanged:
+            atomic_write(path, data, mode)
+            written.append(path)
+        elif (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+        if owner_ids is not None:
+            os.chown(path, *owner_ids, follow_symlinks=False)
     return Exported(written=tuple(written), unchanged=tuple(unchanged), warnings=tuple(warnings))
+
+
+def _owner_ids(owner: str) -> tuple[int, int]:
+    """USER[:GROUP] as ids; the group defaults to the user's primary group."""
+    user, _, group = owner.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        return entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise UsageError(f"--owner {owner}: no such user or group; name existing ones") from None
+
+
+def _der(pem: bytes) -> bytes:
+    """The DER inside a one-block PEM file: PKCS#8 as pgjdbc reads it, encrypted or not."""
+    return base64.b64decode(b"".join(pem.strip().splitlines()[1:-1]))
 
 
 def _same(path: Path, data: bytes) -> bool:

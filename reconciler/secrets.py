@@ -1,7 +1,8 @@
 """Passphrases: where they come from, and the one-time bootstrap of random ones.
 
 Sources, first match wins: a --*-passphrase-file flag, the RECONCILER_*_PASSPHRASE variable,
-the RECONCILER_*_PASSPHRASE_FILE variable, then .secrets/ca.pass or .secrets/keys.pass.
+the RECONCILER_*_PASSPHRASE_FILE variable, then .secrets/ca.pass or .secrets/keys.pass (the
+one-time export passphrase never lives in .secrets/).
 A passphrase never appears in output, logs, exceptions or process arguments.
 """
 
@@ -25,6 +26,7 @@ SECRET_FILE_MODE = 0o600
 class Which(enum.Enum):
     CA = ("CA", "RECONCILER_CA_PASSPHRASE", "ca.pass", "--ca-passphrase-file")
     KEY = ("key", "RECONCILER_KEY_PASSPHRASE", "keys.pass", "--key-passphrase-file")
+    EXPORT = ("export", "RECONCILER_EXPORT_PASSPHRASE", "", "--export-passphrase-file")
 
     @property
     def label(self) -> str:
@@ -36,6 +38,7 @@ class Which(enum.Enum):
 
     @property
     def file_name(self) -> str:
+        """Its file in the secrets directory; "" for one that is never kept there."""
         return self.value[2]
 
     @property
@@ -98,7 +101,7 @@ class SecretSources:
         if env_file:
             return _from_file(Path(env_file), which, f"${which.env}_FILE")
         local = self.secrets_dir / which.file_name
-        if local.exists():
+        if which.file_name and local.exists():
             return _from_file(local, which, str(local))
         return None
 

@@ -56,7 +56,10 @@ class Deployment:
 
     def export(self, name: str, layout: str = "libpq", *, now: datetime = NOW) -> Path:
         out = self.exports / f"{name}-{layout}-{now:%Y%m%d%H%M%S}"
-        result = run(self.state, "export", name, "--layout", layout, "--out", str(out), now=now)
+        crl = ("--with-crl",) if layout == "libpq" else ()  # these clients check sslcrl too
+        result = run(
+            self.state, "export", name, "--layout", layout, "--out", str(out), *crl, now=now
+        )
         assert result.code == 0, result.err
         return out
 
