@@ -176,10 +176,16 @@ def _build_parser() -> _Parser:
         "--check",
         type=Path,
         metavar="FILE",
-        help="exit 1 when an earlier line of FILE takes a generated rule's connections",
+        help="exit 1 when the server would refuse FILE, or a line takes a generated rule's place",
     )
     hba.add_argument(
-        "--strict", action="store_true", help="with --check, also fail on lines it cannot judge"
+        "--pg-version",
+        type=int,
+        metavar="N",
+        help="the PostgreSQL major version that reads FILE, when no PG_VERSION is beside it",
+    )
+    hba.add_argument(
+        "--lenient", action="store_true", help="only warn about earlier lines it cannot judge"
     )
     status = command("status", "what is on disk, with days left")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -396,23 +402,33 @@ def _export(
 
 
 def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    desired = engine.validate(args.state)
     if args.check is None:
-        out.write(hba_stage.fragment(desired))
+        if args.pg_version is not None or args.lenient:
+            raise UsageError("--pg-version and --lenient go with --check FILE")
+        out.write(hba_stage.fragment(engine.validate(args.state)))
         return EXIT_OK
-    findings, notes = hba_stage.check(desired, args.check)
-    for note in notes:
-        err.write(f"reconciler: note: {note}\n")
+    snap = engine.snapshot(args.state)  # the ledger names the users who left users.yaml
+    version, findings = hba_stage.check(
+        snap.desired, args.check, pg_version=args.pg_version, issued=snap.observed.ledger.entries
+    )
+    if version > hba_stage.NEWEST:
+        newest = hba_stage.NEWEST
+        err.write(f"reconciler: note: PostgreSQL {version} is judged by the rules of {newest}.\n")
+    warned = hba_stage.Problem.UNKNOWN if args.lenient else None
     for finding in findings:
-        out.write(finding.describe() + "\n")
-    failing = {"shadowed", "missing"} | ({"unknown"} if args.strict else set())
-    if any(finding.kind in failing for finding in findings):
+        label = "warning: " if finding.problem is warned else ""
+        out.write(f"{finding.where}: {label}{finding.message}\n")
+    if any(finding.problem is not warned for finding in findings):
         err.write(
-            f"reconciler: {args.check} does not let every generated rule through; see above.\n"
+            f"reconciler: {args.check} is not ready for PostgreSQL {version} (see above); "
+            "fix it and check again.\n"
         )
         return EXIT_USER
-    total = len(hba_stage.generated_rules(desired))
-    out.write(f"{args.check}: all {total} generated rules are reached first.\n")
+    total = len(hba_stage.generated_rules(snap.desired))
+    out.write(
+        f"{args.check}: PostgreSQL {version} loads it, and all {total} generated rules are "
+        "reached first.\n"
+    )
     return EXIT_OK
 
 

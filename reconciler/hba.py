@@ -1,13 +1,7 @@
-"""pg_hba.conf: the fragment generated from users.yaml, and a check of a real pg_hba.conf that
-every generated rule is reached before any earlier line matches its connections with another
-authentication method. Pure except for reading the file and what it includes.
-
-The reading follows PostgreSQL's rules: `#` comments, double-quoted names (`""` inside quotes is
-a quote), comma lists (also across a space after a comma), backslash line continuation, the
-keywords all, sameuser, samerole, samegroup, replication, `+group`, `@file`, `/regex`,
-samehost, samenet, CIDR and address+netmask forms, and the include, include_if_exists and
-include_dir directives.
-"""
+"""pg_hba.conf: the fragment generated from users.yaml, and a check of a real pg_hba.conf as the
+PostgreSQL major version that reads it sees it: every line loads (as hba.c tokenizes and parses
+it; refusals mostly in the server's own words), and every generated rule is reached before an
+earlier line takes its connections with another method. Pure except for reading the files."""
 
 from __future__ import annotations
 
@@ -15,20 +9,47 @@ import dataclasses
 import enum
 import ipaddress
 import re
-from collections.abc import Iterator, Sequence
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from reconciler.errors import UsageError
-from reconciler.model import CertKind, Desired, HbaRule
+from reconciler.model import CertKind, Desired, HbaRule, LedgerEntry
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+OLDEST, NEWEST = 14, 18  # the major versions whose pg_hba.conf rules are known here
 _KEYWORDS = frozenset({"all", "sameuser", "samerole", "samegroup", "replication"})
-_HOST_TYPES = frozenset({"host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc"})
+_CONN_TYPES = frozenset({"local", "host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc"})
 _SSL_TYPES = frozenset({"host", "hostssl", "hostnogssenc"})  # those an SSL connection can match
-_MAX_INCLUDE_DEPTH = 10
-
-
-# --------------------------------------------------------------------------- the fragment
+_MAX_DEPTH = 10
+_SINCE = {"/regex": 16, "include": 16, "oauth": 18}  # what came after OLDEST, and when
+_INCLUDES = ("include", "include_if_exists", "include_dir")
+# the authentication methods of Linux builds (sspi and bsd are for Windows and BSD only)
+_METHODS = "trust reject md5 scram-sha-256 password gss ident peer pam ldap radius cert oauth"
+_METHOD_TYPES = {  # method: the connection types it works on, and what the server says otherwise
+    "cert": ({"hostssl"}, "cert authentication is only supported on hostssl connections"),
+    "peer": ({"local"}, "peer authentication is only supported on local sockets"),
+    "gss": (_CONN_TYPES - {"local"}, "gssapi authentication is not supported on local sockets"),
+}
+_OPTIONS = {  # option: the methods it is valid for (empty: every method)
+    option: frozenset(methods.split())
+    for methods, options in {
+        "": "clientcert clientname",
+        "ident peer gss sspi cert oauth": "map",
+        "pam": "pamservice pam_use_hostname",
+        "ldap": "ldapurl ldaptls ldapscheme ldapserver ldapport ldapbinddn ldapbindpasswd "
+        "ldapsearchattribute ldapsearchfilter ldapbasedn ldapprefix ldapsuffix",
+        "gss sspi": "krb_realm include_realm",
+        "sspi": "compat_realm upn_username",
+        "radius": "radiusservers radiussecrets radiusidentifiers radiusports",
+        "oauth": "issuer scope validator delegate_ident_mapping",
+    }.items()
+    for option in options.split()
+}
+# the values the server checks (ldapport: atoi() must not give 0)
+_VALUES = {"clientcert": "verify-(ca|full)", "clientname": "CN|DN", "ldapport": "[+-]?0*[1-9].*"}
+# a token (quoted parts may hold anything, `""` is a quote), a comma, a comment, or blanks
+_PIECE = re.compile(r'(?:"(?:[^"]|"")*"?|[^ \t\r\n,#"])+|[,#]|[ \t\r\n]+')
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"?')
 
 
 def _quote(name: str) -> str:
@@ -44,28 +65,17 @@ def _quote(name: str) -> str:
 
 def generated_rules(desired: Desired) -> list[tuple[str, HbaRule]]:
     """(role, rule) for every hba entry, ordered by role name, then as written."""
-    rules = [
-        (spec.name, rule)
-        for spec in desired.leaves
-        if spec.kind is CertKind.CLIENT
-        for rule in spec.hba
-    ]
-    return sorted(rules, key=lambda pair: pair[0])
+    clients = [spec for spec in desired.leaves if spec.kind is CertKind.CLIENT]
+    return sorted(((spec.name, rule) for spec in clients for rule in spec.hba), key=lambda p: p[0])
 
 
 def rule_line(role: str, rule: HbaRule) -> str:
     database = rule.database if rule.database in _KEYWORDS else _quote(rule.database)
-    address = (
-        rule.address
-        if "/" in rule.address or rule.address in ("all", "samehost", "samenet")
-        else _host_cidr(rule.address)
-    )
+    address = rule.address
+    if "/" not in address and address not in ("all", "samehost", "samenet"):
+        ip = ipaddress.ip_address(address)
+        address = f"{ip}/{ip.max_prefixlen}"
     return f"hostssl {database} {_quote(role)} {address} cert"
-
-
-def _host_cidr(address: str) -> str:
-    ip = ipaddress.ip_address(address)
-    return f"{ip}/{ip.max_prefixlen}"
 
 
 def fragment(desired: Desired) -> str:
@@ -78,9 +88,6 @@ def fragment(desired: Desired) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------- reading
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Token:
     value: str
@@ -91,365 +98,358 @@ class Token:
         return self.value if not self.quoted and self.value in _KEYWORDS else None
 
 
+Fields = list[tuple[Token, ...]]  # each field a comma list of tokens
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class Line:
-    source: str
-    number: int
+class Address:
+    """An address field: a keyword, a host name, or a network (bits 32 or 128) with any mask."""
+
     text: str
-    fields: tuple[tuple[Token, ...], ...]
+    bits: int = 0
+    net: int = 0
+    mask: int = 0
+    host_name: bool = False
 
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.number}"
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """A line as the server loads it."""
+
+    where: str  # FILE:LINE
+    text: str
+    kind: str
+    databases: tuple[Token, ...]
+    users: tuple[Token, ...]
+    address: Address | None  # None on a local line
+    method: str
+    options: tuple[tuple[str, str], ...]
 
 
-def _tokenize(text: str) -> list[tuple[Token, ...]]:
-    """Fields of one logical line; each field a comma list of tokens."""
-    fields: list[tuple[Token, ...]] = []
-    field: list[Token] = []
-    buf, quoted, in_quote, i = "", False, False, 0
-    pending_comma = False
+class Problem(enum.StrEnum):
+    REFUSED = "refused"  # the server would not load the file
+    SHADOWED = "shadowed"  # an earlier line takes a generated rule's connections
+    UNKNOWN = "unknown"  # an earlier line may take them; that cannot be judged here
+    MISSING = "missing"  # a generated rule is not in the file
+    LEFTOVER = "leftover"  # a generated rule for a user no longer in users.yaml
 
-    def end_token() -> None:
-        nonlocal buf, quoted
-        if buf or quoted:
-            field.append(Token(buf, quoted))
-        buf, quoted = "", False
 
-    while i < len(text):
-        char = text[i]
-        if in_quote:
-            if char == '"' and text[i + 1 : i + 2] == '"':
-                buf += '"'
-                i += 1
-            elif char == '"':
-                in_quote = False
-            else:
-                buf += char
-        elif char == '"':
-            in_quote, quoted = True, True
-        elif char == "#":
-            break
-        elif char == ",":
-            end_token()
-            pending_comma = True
-        elif char.isspace():
-            end_token()
-            if field and not pending_comma:
-                fields.append(tuple(field))
-                field = []
-        else:
-            pending_comma = False
-            buf += char
-        i += 1
-    end_token()
-    if field:
-        fields.append(tuple(field))
-    return fields
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finding:
+    problem: Problem
+    where: str  # FILE:LINE, or FILE for a rule missing from it
+    message: str
+
+
+class _Refused(Exception):
+    """A line the server would not load; str(exc) is what it says."""
 
 
 def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
-    """(first line number, text) with backslash continuations joined."""
-    start, parts = 0, list[str]()
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not parts:
-            start = number
-        if raw.endswith("\\"):
-            parts.append(raw[:-1])
-            continue
-        parts.append(raw)
-        yield start, " ".join(parts)
-        parts = []
-    if parts:
-        yield start, " ".join(parts)
+    """(first line number, text) of each line, backslash continuations joined as the server does."""
+    number = 1
+    for chunk in re.split(r"(?<!\\)\n", text.replace("\r\n", "\n")):
+        yield number, chunk.replace("\\\n", "")
+        number += chunk.count("\n") + 1
 
 
-@dataclasses.dataclass
-class Reading:
-    lines: list[Line] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
+def _tokenize(text: str) -> tuple[Fields, str]:
+    """The fields of one logical line, and its text up to a comment."""
+    fields: Fields = []
+    after_comma = False  # a comma continues the field, also across blanks
+    for piece in _PIECE.finditer(text):
+        if piece.group() == "#":
+            return fields, text[: piece.start()].strip()
+        if piece.group() == ",":
+            after_comma = True
+        elif not piece.group().isspace():
+            unquoted = _QUOTED.sub(lambda part: part.group(1).replace('""', '"'), piece.group())
+            token = Token(unquoted, '"' in piece.group())
+            if after_comma and fields:
+                fields[-1] += (token,)
+            else:
+                fields.append((token,))
+            after_comma = False
+    return fields, text.strip()
 
 
-def read_hba(
-    path: Path, *, display: str | None = None, depth: int = 0, reading: Reading | None = None
-) -> Reading:
-    """Every record of path in order, include directives followed."""
-    reading = reading if reading is not None else Reading()
-    shown = display or str(path)
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it does not exist."""
     try:
-        text = path.read_text("utf-8", errors="replace")
-    except OSError as exc:
-        raise UsageError(f"cannot read {shown} ({exc.strerror}); check the path") from None
-    for number, logical in _logical_lines(text):
-        fields = _tokenize(logical)
-        if not fields:
-            continue
-        first = fields[0][0]
-        directive = first.value if not first.quoted else ""
-        if directive in ("include", "include_if_exists", "include_dir"):
-            _include(path, shown, number, directive, fields, depth, reading)
-            continue
-        reading.lines.append(Line(shown, number, logical.split("#", 1)[0].strip(), tuple(fields)))
-    return reading
-
-
-def _include(
-    path: Path,
-    shown: str,
-    number: int,
-    directive: str,
-    fields: list[tuple[Token, ...]],
-    depth: int,
-    reading: Reading,
-) -> None:
-    if len(fields) < 2 or depth >= _MAX_INCLUDE_DEPTH:
-        reading.notes.append(f"{shown}:{number}: {directive} without a usable target; skipped")
-        return
-    target = Path(fields[1][0].value)
-    if not target.is_absolute():
-        target = path.parent / target
-    if directive == "include_dir":
-        if not target.is_dir():
-            reading.notes.append(f"{shown}:{number}: include_dir {target} does not exist")
-            return
-        for child in sorted(target.iterdir()):
-            if child.name.endswith(".conf") and not child.name.startswith("."):
-                read_hba(child, depth=depth + 1, reading=reading)
-        return
-    if not target.exists():
-        if directive == "include":
-            reading.notes.append(
-                f"{shown}:{number}: include {target} does not exist, and "
-                "PostgreSQL would refuse this file"
-            )
-        return
-    read_hba(target, depth=depth + 1, reading=reading)
-
-
-# --------------------------------------------------------------------------- matching
-
-
-class Match(enum.Enum):
-    NO = "no"
-    PARTIAL = "partial"  # matches some of the rule's connections
-    FULL = "full"  # matches every connection the rule is for
-    UNKNOWN = "unknown"
-
-
-def _combine(*results: Match) -> Match:
-    if Match.NO in results:
-        return Match.NO
-    if Match.UNKNOWN in results:
-        return Match.UNKNOWN
-    if Match.PARTIAL in results:
-        return Match.PARTIAL
-    return Match.FULL
-
-
-def _any_of(results: Sequence[tuple[Match, str]]) -> tuple[Match, str]:
-    """A comma list matches when any token does."""
-    for wanted in (Match.FULL, Match.PARTIAL, Match.UNKNOWN):
-        for result in results:
-            if result[0] is wanted:
-                return result
-    return Match.NO, ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """A generated rule, as the connections it is meant for."""
-
-    role: str
-    database: str  # a name, or the keyword all / sameuser / samerole / replication
-    network: Network | None  # None for all
-    address: str
-    text: str
-
-
-def _file_names(base: Path, token: Token) -> list[str] | None:
-    target = Path(token.value[1:])
-    if not target.is_absolute():
-        target = base / target
-    try:
-        text = target.read_text("utf-8", errors="replace")
-    except OSError:
+        return path.read_text("utf-8", errors="replace")
+    except FileNotFoundError:
         return None
-    return [
-        token.value
-        for _, logical in _logical_lines(text)
-        for field in _tokenize(logical)
-        for token in field
-    ]
+    except OSError as exc:
+        raise UsageError(f"cannot read {path} ({exc.strerror}); run as a user who can") from None
 
 
-def _name_match(token: Token, name: str, base: Path) -> tuple[Match, str]:
-    if not token.quoted and token.value.startswith("@"):
-        names = _file_names(base, token)
-        if names is None:
-            return Match.UNKNOWN, f"{token.value}: the file cannot be read here"
-        return (Match.FULL if name in names else Match.NO), ""
-    if not token.quoted and token.value.startswith("/"):
+def _expand(tokens: Iterable[Token], base: Path, depth: int = 0) -> tuple[Token, ...]:
+    """A field with each `@file` replaced by the tokens in that file, as the server reads it."""
+    expanded: list[Token] = []
+    for token in tokens:
+        if token.quoted or not token.value.startswith("@") or token.value == "@":
+            expanded.append(token)
+            continue
+        target = base / token.value[1:]
+        text = _read_text(target) if depth < _MAX_DEPTH else None
+        if text is None:
+            raise _Refused(f'could not open secondary authentication file "{token.value}"')
+        lines = [_tokenize(line)[0] for _, line in _logical_lines(text)]
+        names = [name for fields in lines for field in fields for name in field]
+        expanded += _expand(names, target.parent, depth + 1)
+    return tuple(expanded)
+
+
+def _take(fields: Fields, what: str, single: str = "") -> tuple[Token, ...]:
+    """The next field; single names it when the server wants one value there."""
+    if not fields:
+        raise _Refused(f"end-of-line before {what}")
+    if single and len(fields[0]) > 1:
+        raise _Refused(f"multiple values specified for {single}")
+    return fields.pop(0)
+
+
+def _ip(text: str) -> tuple[int, int] | None:
+    """(bits, value) of a numeric address as the server's getaddrinfo(AI_NUMERICHOST) reads it."""
+    try:
+        found = socket.getaddrinfo(text, None, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    ip = ipaddress.ip_address(str(found[0][4][0]).split("%")[0])
+    return ip.max_prefixlen, int(ip)
+
+
+def _address(fields: Fields) -> Address:
+    token = _take(fields, "IP address specification", "host address")[0]
+    if not token.quoted and token.value in ("all", "samehost", "samenet"):
+        return Address(token.value)
+    host, slash, prefix = token.value.partition("/")
+    ip = _ip(host)
+    if ip is None and slash:
+        raise _Refused(f'specifying both host name and CIDR mask is invalid: "{token.value}"')
+    if ip is None:
+        return Address(token.value, host_name=True)
+    bits, net = ip
+    if slash:
+        if not re.fullmatch(r"[+-]?[0-9]+", prefix) or not 0 <= int(prefix) <= bits:
+            raise _Refused(f'invalid CIDR mask in address "{token.value}"')
+        return Address(token.value, bits, net, (1 << bits) - (1 << (bits - int(prefix))))
+    written = _take(fields, "netmask specification", "netmask")[0].value
+    mask = _ip(written)
+    if mask is None:
+        raise _Refused(f'invalid IP mask "{written}"')
+    if mask[0] != bits:
+        raise _Refused("IP address and mask do not match")
+    return Address(f"{token.value} {written}", bits, net, mask[1])
+
+
+def _options(tokens: Sequence[Token], kind: str, method: str) -> tuple[tuple[str, str], ...]:
+    options: dict[str, str] = {}
+    for token in tokens:
+        name, equals, value = token.value.partition("=")
+        methods = _OPTIONS.get(name)
+        if not equals:
+            raise _Refused(f"authentication option not in name=value format: {token.value}")
+        if methods is None:
+            raise _Refused(f'unrecognized authentication option name: "{name}"')
+        if methods and method not in methods:
+            valid = ", ".join(sorted(methods))
+            raise _Refused(f'authentication option "{name}" is only valid for methods {valid}')
+        if name in ("clientcert", "clientname") and kind != "hostssl":
+            raise _Refused(f'{name} can only be configured for "hostssl" rows')
+        if not re.fullmatch(_VALUES.get(name, ".*"), value):
+            raise _Refused(f'invalid value for {name}: "{value}"')
+        if name == "clientcert" and method == "cert" and value != "verify-full":
+            raise _Refused('clientcert can only be "verify-full" with "cert" authentication')
+        options[name] = value
+    return tuple(options.items())
+
+
+def _record(where: str, text: str, fields: Fields, version: int) -> Record:
+    """The line as the server loads it, checked in the order of hba.c's parse_hba_line."""
+    kind = _take(fields, "connection type", "connection type")[0].value
+    if kind not in _CONN_TYPES:
+        raise _Refused(f'invalid connection type "{kind}"')
+    databases = _take(fields, "database specification")
+    users = _take(fields, "role specification")
+    address = None if kind == "local" else _address(fields)
+    method = _take(fields, "authentication method", "authentication type")[0].value
+    method = "peer" if kind == "local" and method == "ident" else method
+    if method not in _METHODS.split() or _SINCE.get(method, OLDEST) > version:
+        raise _Refused(f'invalid authentication method "{method}"')
+    kinds, wrong_kind = _METHOD_TYPES.get(method, (_CONN_TYPES, ""))
+    if kind not in kinds:
+        raise _Refused(wrong_kind)
+    options = _options([token for field in fields for token in field], kind, method)
+    return Record(where, text, kind, databases, users, address, method, options)
+
+
+def _load(path: Path, version: int) -> tuple[list[Record], list[Finding]]:
+    """The lines of path the server loads, include directives followed, and those it refuses."""
+    records: list[Record] = []
+    refused: list[Finding] = []
+    refusal = f"PostgreSQL {version} refuses the whole file: a reload keeps the previous one"
+
+    def read(path: Path, depth: int) -> bool:  # False when path does not exist
+        text = _read_text(path)
+        for number, logical in _logical_lines(text or ""):
+            fields, shown = _tokenize(logical)
+            try:
+                fields = [expanded for field in fields if (expanded := _expand(field, path.parent))]
+                directive = fields[0][0].value if fields else ""
+                if directive in _INCLUDES and version >= _SINCE["include"]:
+                    include(path, directive, fields, depth)
+                elif fields:
+                    records.append(_record(f"{path}:{number}", shown, fields, version))
+            except _Refused as exc:
+                message = f"cannot load `{shown}` ({exc}); {refusal}, a start fails"
+                refused.append(Finding(Problem.REFUSED, f"{path}:{number}", message))
+        return text is not None
+
+    def include(path: Path, directive: str, fields: Fields, depth: int) -> None:
+        if len(fields) != 2 or len(fields[1]) != 1:
+            raise _Refused(f'"{directive}" must be followed by one file name')
+        target = path.parent / fields[1][0].value
+        if depth >= _MAX_DEPTH:
+            raise _Refused(f'could not open file "{target}": maximum nesting depth exceeded')
+        if directive == "include_dir" and not target.is_dir():
+            raise _Refused(f'could not open directory "{target}"')
+        # include_dir: the directory's *.conf files in name order, hidden ones left out
+        for file in sorted(target.glob("[!.]*.conf")) if directive == "include_dir" else [target]:
+            if not read(file, depth + 1) and directive == "include":
+                raise _Refused(f'could not open file "{file}": it does not exist')
+
+    read(path, 0)
+    return records, refused
+
+
+class Match(enum.IntEnum):
+    """How a line matches a generated rule's connections: a comma list as its best token, a line
+    as its worst field."""
+
+    NO = 0  # it takes none of them
+    UNKNOWN = 1  # whether it takes them cannot be judged here
+    PARTIAL = 2  # it takes some of them
+    FULL = 3  # it takes every one
+
+
+Judged = tuple[Match, str]  # and why it is unknown
+
+
+def _name(token: Token, name: str, regex: bool) -> Judged:
+    if regex and not token.quoted and token.value.startswith("/"):
         try:
             return (Match.FULL if re.search(token.value[1:], name) else Match.NO), ""
         except re.error:
-            return Match.UNKNOWN, f"{token.value}: not a regular expression Python reads"
+            return Match.UNKNOWN, f"{token.value} is a regular expression Python cannot read"
     return (Match.FULL if token.value == name else Match.NO), ""
 
 
-def _database(token: Token, rule: Rule, base: Path) -> tuple[Match, str]:
-    wanted = rule.database
-    if wanted == "replication":
-        return (Match.FULL if token.keyword == "replication" else Match.NO), ""
-    keyword = token.keyword
-    if keyword == "all":
+def _database(token: Token, rule: Record, regex: bool) -> Judged:
+    """How the token matches the generated rule's database (a name or a keyword)."""
+    wanted, keyword, role = rule.databases[0].value, token.keyword, rule.users[0].value
+    if "replication" in (wanted, keyword):  # replication connections match this keyword only
+        return (Match.FULL if keyword == wanted else Match.NO), ""
+    if keyword in (wanted, "all") or {keyword, wanted} == {"samerole", "samegroup"}:
         return Match.FULL, ""
-    if keyword == "replication":
-        return Match.NO, ""
-    specific = wanted not in ("all", "samerole")
-    name = rule.role if wanted == "sameuser" else wanted
-    if keyword == "sameuser":
-        if specific:
-            return (Match.FULL if name == rule.role else Match.NO), ""
-        return Match.PARTIAL, ""
-    if keyword in ("samerole", "samegroup"):
-        if specific and name == rule.role:
-            return Match.FULL, ""
-        return Match.UNKNOWN, f"{keyword}: role membership is not known here"
-    if not specific:
-        return Match.PARTIAL, ""  # a line for one database covers part of "all"
-    return _name_match(token, name, base)
+    if wanted in ("all", "samerole", "samegroup"):
+        return Match.PARTIAL, ""  # the line is for some of the databases the rule is for
+    name = role if wanted == "sameuser" else wanted
+    if keyword is None:
+        return _name(token, name, regex)
+    if keyword == "sameuser" or name == role:  # a role is a member of itself
+        return (Match.FULL if name == role else Match.NO), ""
+    return Match.UNKNOWN, f"{keyword}: role membership is not known here"
 
 
-def _user(token: Token, rule: Rule, base: Path) -> tuple[Match, str]:
-    if token.keyword == "all":
-        return Match.FULL, ""
+def _user(token: Token, role: str, regex: bool) -> Judged:
+    if token.keyword == "all" or (token.value == f"+{role}" and not token.quoted):
+        return Match.FULL, ""  # a role is a member of itself
     if not token.quoted and token.value.startswith("+"):
-        if token.value[1:] == rule.role:
-            return Match.FULL, ""  # a role is a member of itself
         return Match.UNKNOWN, f"{token.value}: group membership is not known here"
-    return _name_match(token, rule.role, base)
+    return _name(token, role, regex)
 
 
-def _address(fields: Sequence[tuple[Token, ...]], rule: Rule) -> tuple[Match, str, int]:
-    """Match of the address field(s) and how many fields they took."""
-    value = fields[0][0].value
-    if value == "all":
-        return Match.FULL, "", 1
-    if value in ("samehost", "samenet"):
-        return Match.UNKNOWN, f"{value}: the server's own addresses are not known here", 1
-    network: Network | None = None
-    taken = 1
-    try:
-        if "/" in value:
-            network = ipaddress.ip_network(value, strict=False)
-        elif len(fields) > 2:
-            address = ipaddress.ip_address(value)
-            try:
-                network = ipaddress.ip_network(f"{address}/{fields[1][0].value}", strict=False)
-                taken = 2
-            except ValueError:
-                network = ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
-    except ValueError:
-        network = None
-    if network is None:
-        return Match.UNKNOWN, f"{value}: a host name, which is not resolved here", 1
-    if rule.network is None:
-        return Match.PARTIAL, "", taken
-    if network.version != rule.network.version or not network.overlaps(rule.network):
-        return Match.NO, "", taken
-    covers = rule.network.subnet_of(network)  # type: ignore[arg-type]
-    return (Match.FULL if covers else Match.PARTIAL), "", taken
+def _address_match(line: Address, rule: Address) -> Judged:
+    if line.host_name:
+        return Match.UNKNOWN, f"{line.text} is a host name, which is not resolved here"
+    if line.text in ("all", rule.text) and not line.bits:
+        return Match.FULL, ""
+    if line.bits and rule.text == "all":
+        return Match.PARTIAL, ""
+    if not line.bits or not rule.bits:
+        return Match.UNKNOWN, "the server's own addresses (samehost, samenet) are not known here"
+    if line.bits != rule.bits or (line.net ^ rule.net) & line.mask & rule.mask:
+        return Match.NO, ""
+    return (Match.PARTIAL if line.mask & ~rule.mask else Match.FULL), ""
 
 
-def judge(line: Line, rule: Rule, base: Path) -> tuple[Match, str, str]:
-    """How line matches the rule's connections, why not known, and the line's method."""
-    fields = line.fields
-    kind = fields[0][0].value
-    if kind not in _HOST_TYPES:
-        return Match.NO, "", ""
-    if len(fields) < 5:
-        return Match.UNKNOWN, "the line has too few fields", ""
-    if kind not in _SSL_TYPES:
-        return Match.NO, "", ""
-    database = _any_of([_database(t, rule, base) for t in fields[1]])
-    user = _any_of([_user(t, rule, base) for t in fields[2]])
-    address, why, taken = _address(fields[3:], rule)
-    method_fields = fields[3 + taken :]
-    method = method_fields[0][0].value if method_fields else ""
-    result = _combine(database[0], user[0], address)
-    reason = next((r for r in (database[1], user[1], why) if r), "")
-    return result, reason, method
+def _judge(record: Record, rule: Record, regex: bool) -> Judged:
+    """Whether the line takes the generated rule's connections, and why that is not known."""
+    if record.kind not in _SSL_TYPES or record.address is None or rule.address is None:
+        return Match.NO, ""
+    databases = max(_database(token, rule, regex) for token in record.databases)
+    users = max(_user(token, rule.users[0].value, regex) for token in record.users)
+    return min(databases, users, _address_match(record.address, rule.address))
 
 
-# --------------------------------------------------------------------------- the check
+def server_version(path: Path, given: int | None) -> int:
+    """The major version that reads path: from PG_VERSION beside it, else the one given."""
+    beside = path.parent / "PG_VERSION"
+    text = _read_text(beside)
+    match = re.fullmatch(r"\s*([0-9]+)(\.[0-9]+)?\s*", text or "")
+    if text is not None and match is None:
+        raise UsageError(f"{beside} does not hold a PostgreSQL version; correct or remove it")
+    found = int(match.group(1)) if match else given
+    if given not in (None, found):
+        raise UsageError(f"{beside} says {found}, but --pg-version {given}; drop or correct it")
+    if found is None:
+        message = f"no PG_VERSION beside {path} says which PostgreSQL reads it"
+        raise UsageError(f"{message}; pass --pg-version N (its major version, such as 15)")
+    if found < OLDEST:
+        raise UsageError(f"hba --check knows PostgreSQL {OLDEST} and newer, not {found}")
+    return found
 
 
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    rule: str
-    line: str  # "file:number", or "" when the rule is missing from the file
-    text: str
-    kind: str  # "shadowed", "unknown", "missing"
-    detail: str
-
-    def describe(self) -> str:
-        if self.kind == "shadowed":
-            return (
-                f"{self.line}: `{self.text}` matches first for `{self.rule}` with method "
-                f"{self.detail}, so certificate login is never reached; move the generated "
-                "rule above this line"
-            )
-        if self.kind == "unknown":
-            return f"{self.line}: could not judge `{self.text}` for `{self.rule}`: {self.detail}"
-        return f"`{self.rule}` is not in the file: {self.detail}"
-
-
-def _rule(role: str, hba: HbaRule) -> Rule:
-    network = None
-    if hba.address not in ("all", "samehost", "samenet"):
-        network = ipaddress.ip_network(
-            hba.address if "/" in hba.address else _host_cidr(hba.address)
-        )
-    return Rule(
-        role=role,
-        database=hba.database,
-        network=network,
-        address=hba.address,
-        text=rule_line(role, hba),
-    )
+def _rule_findings(rule: Record, records: Sequence[Record], regex: bool) -> Iterator[Finding]:
+    """Every earlier line that takes the rule's connections with another method, or may."""
+    for record in records:
+        match, why = _judge(record, rule, regex)
+        options = dict(record.options)
+        other = record.method != "cert" or "map" in options or options.get("clientname") == "DN"
+        line, method = record.text, " ".join([record.method, *map("=".join, record.options)])
+        if match is Match.UNKNOWN and other:
+            message = f"cannot judge whether `{line}` takes connections of `{rule.text}` ({why})"
+            yield Finding(Problem.UNKNOWN, record.where, f"{message}; move the rule above it")
+        elif match is not Match.NO and other:
+            some = "some connections of " if match is Match.PARTIAL else ""
+            message = f"`{line}` matches first for {some}`{rule.text}` with method {method}"
+            message += ", so certificate login is never reached"
+            yield Finding(Problem.SHADOWED, record.where, f"{message}; move the rule above it")
+        if match is Match.FULL:
+            return
+    message = f"`{rule.text}` is not in the file: add the fragment (`reconciler hba`) to it"
+    yield Finding(Problem.MISSING, rule.where, message)
 
 
-def _is_rule(line: Line, rule: Rule) -> bool:
-    generated = _tokenize(rule.text)
-    return [[t.value for t in f] for f in line.fields[:5]] == [
-        [t.value for t in f] for f in generated
-    ] and len(line.fields) == 5
-
-
-def check(desired: Desired, path: Path) -> tuple[list[Finding], list[str]]:
-    """Findings for every generated rule, and notes about what was read."""
-    reading = read_hba(path)
-    findings: list[Finding] = []
+def check(
+    desired: Desired, path: Path, *, pg_version: int | None, issued: Iterable[LedgerEntry] = ()
+) -> tuple[int, list[Finding]]:
+    """The major version that reads path, and what keeps it from loading path or from reaching
+    every generated rule; the certificates ever issued name the users who left users.yaml."""
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file; check the path")
+    version = server_version(path, pg_version)
+    records, findings = _load(path, version)
     for role, hba in generated_rules(desired):
-        rule = _rule(role, hba)
-        covered = False
-        for line in reading.lines:
-            if _is_rule(line, rule):
-                covered = True
-                break
-            result, why, method = judge(line, rule, Path(line.source).parent)
-            if result is Match.NO:
-                continue
-            if result is Match.UNKNOWN:
-                findings.append(Finding(rule.text, line.where, line.text, "unknown", why))
-                continue
-            if method != "cert":
-                findings.append(Finding(rule.text, line.where, line.text, "shadowed", method))
-            if result is Match.FULL:
-                covered = True  # every connection of the rule stops here
-                break
-        if not covered:
-            findings.append(
-                Finding(rule.text, "", "", "missing", "add the fragment (`reconciler hba`) to it")
-            )
-    return findings, reading.notes
+        text = rule_line(role, hba)
+        rule = _record(str(path), text, _tokenize(text)[0], NEWEST)
+        findings += _rule_findings(rule, records, version >= _SINCE["/regex"])
+    clients = {spec.name for spec in desired.leaves if spec.kind is CertKind.CLIENT}
+    gone = {entry.name for entry in issued if entry.kind is CertKind.CLIENT} - clients
+    for record in records:
+        role, generated = record.users[0].value, ("hostssl", "cert", ())
+        if (record.kind, record.method, record.options) == generated and role in gone:
+            message = f"`{record.text}` is a generated rule for {role}, who left users.yaml"
+            findings.append(Finding(Problem.LEFTOVER, record.where, f"{message}; remove it"))
+    return version, findings
