@@ -30,6 +30,7 @@ from reconciler.model import (
     Observed,
     Plan,
     Repair,
+    RetireCa,
     RetireGeneration,
     Revocation,
     Revoke,
@@ -65,7 +66,7 @@ class _Signer:
 
     @property
     def fingerprint(self) -> str:
-        return pki.certificate_facts(self.cert, None).fingerprint
+        return pki.fingerprint(self.cert)
 
     def sign(self, data: bytes) -> bytes:
         return pki.sign(self.key, data)
@@ -122,17 +123,26 @@ def apply(
         raise ValueError("this plan makes keys: apply needs the key passphrase")
     writer = _Writer(store)
     create = next((action for action in plan.changes if isinstance(action, CreateCa)), None)
-    signer = (
-        _create_ca(create, writer, ca_passphrase) if create else _unlock_ca(store, ca_passphrase)
-    )
+    present = [ca.generation for ca in (observed.ca, observed.previous) if ca and ca.cert]
+    signers = {
+        generation: _unlock_ca(store, ca_passphrase, generation)
+        for generation in present
+        if create is None or generation != create.spec.generation
+    }
+    if create is not None:
+        first = observed.ledger.found is Found.MISSING
+        signers[create.spec.generation] = _create_ca(create, writer, ca_passphrase, first=first)
     issued: list[tuple[str, int]] = []
     if plan.signs:
-        issued = _sign_and_record(plan, observed, writer, signer, key_passphrase, progress)
+        issued = _sign_and_record(plan, observed, writer, signers, key_passphrase, progress)
     for action in plan.changes:
         match action:
             case Revoke(leaf=leaf, remove_files=True):
                 writer.remove(layout.leaf_key(leaf))
                 writer.remove(layout.leaf_cert(leaf))
+            case RetireCa(generation=generation):
+                for path_of in (layout.ca_key, layout.ca_cert, layout.crl):
+                    writer.remove(path_of(generation))
             case Repair(remove=paths):
                 for relative in paths:
                     writer.remove(relative)
@@ -145,11 +155,15 @@ def _sign_and_record(
     plan: Plan,
     observed: Observed,
     writer: _Writer,
-    signer: _Signer,
+    signers: dict[int, _Signer],
     key_passphrase: Passphrase | None,
     progress: ProgressFactory | None,
 ) -> list[tuple[str, int]]:
     changes = plan.changes
+    retired = {action.generation for action in changes if isinstance(action, RetireCa)}
+    kept = sorted((g for g in signers if g not in retired), reverse=True)
+    signer = signers[kept[0]]  # the newest CA signs the ledger, which pins every CA kept
+    previous = signers[kept[1]] if len(kept) > 1 else None
     new_certificates = [action for action in changes if isinstance(action, NewCertificate)]
     if new_certificates and key_passphrase is not None:
         _check_key_passphrase(observed, writer.store, key_passphrase)
@@ -158,11 +172,10 @@ def _sign_and_record(
     if adopted:
         # Write ahead: record what an interrupted apply left on disk before anything below
         # overwrites it, so a second crash cannot lose a certificate that reached the disk.
-        recorded = dataclasses.replace(
-            observed.ledger,
-            entries=(*observed.ledger.entries, *adopted),
-            ca_fingerprint=signer.fingerprint,
-            ca_key_sha256=signer.key_sha256,
+        recorded = _pinned(
+            dataclasses.replace(observed.ledger, entries=(*observed.ledger.entries, *adopted)),
+            signer,
+            previous,
         )
         writer.write(layout.LEDGER, ledger.encode(recorded, signer.sign))
 
@@ -173,33 +186,49 @@ def _sign_and_record(
         specs = [action.issuance.spec for action in new_certificates]
         for action, key in zip(new_certificates, _new_keys(specs), strict=True):
             assert key_passphrase is not None
-            new_entries.append(_issue(action, key, writer, signer, key_passphrase, taken))
+            issuer = signers[action.issuance.ca_generation]
+            new_entries.append(_issue(action, key, writer, issuer, key_passphrase, taken))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
 
-    crl = next((action for action in changes if isinstance(action, SignCrl)), None)
-    after = _ledger_after(observed.ledger, changes, new_entries, signer, crl)
+    crls = [action for action in changes if isinstance(action, SignCrl)]
+    after = _pinned(_ledger_after(observed.ledger, changes, new_entries, crls), signer, previous)
     writer.write(layout.LEDGER, ledger.encode(after, signer.sign))
-    if crl is not None:
+    for crl in crls:
+        ca = signers[crl.generation]
         signed = pki.build_crl(
-            signer.cert,
-            signer.key,
+            ca.cert,
+            ca.key,
             number=crl.number,
             this_update=crl.this_update,
             next_update=crl.next_update,
             revoked=crl.revoked,
         )
-        writer.write(layout.CRL, pki.pem(signed))
+        writer.write(layout.crl(crl.generation), pki.pem(signed))
     return [
         (action.subject, entry.serial)
         for action, entry in zip(new_certificates, new_entries, strict=True)
     ]
 
 
-def _create_ca(action: CreateCa, writer: _Writer, passphrase: Passphrase) -> _Signer:
+def _pinned(before: Ledger, signer: _Signer, previous: _Signer | None) -> Ledger:
+    """The ledger pinning the CA files it is signed under (and, in a rotation, the older's)."""
+    return dataclasses.replace(
+        before,
+        ca_fingerprint=signer.fingerprint,
+        ca_key_sha256=signer.key_sha256,
+        previous_fingerprint=previous.fingerprint if previous else None,
+        previous_key_sha256=previous.key_sha256 if previous else None,
+    )
+
+
+def _create_ca(
+    action: CreateCa, writer: _Writer, passphrase: Passphrase, *, first: bool
+) -> _Signer:
+    generation = action.spec.generation
     key = pki.generate_key(action.spec.key)
     cert = pki.build_ca_certificate(
         action.spec,
@@ -209,32 +238,34 @@ def _create_ca(action: CreateCa, writer: _Writer, passphrase: Passphrase) -> _Si
         not_after=action.not_after,
     )
     key_pem = pki.encrypt_key(key, passphrase.reveal())
-    writer.write(layout.CA_KEY, key_pem, secret=True)
-    writer.write(layout.CA_CERT, pki.pem(cert))
+    writer.write(layout.ca_key(generation), key_pem, secret=True)
+    writer.write(layout.ca_cert(generation), pki.pem(cert))
     signer = _Signer(cert, key, pem.file_sha256(key_pem))
-    # at once an empty ledger, before anything is signed: a first apply interrupted from here
-    # on is finished by the next one (plan's _unfinished_first_apply)
-    first = Ledger(ca_fingerprint=signer.fingerprint, ca_key_sha256=signer.key_sha256)
-    writer.write(layout.LEDGER, ledger.encode(first, signer.sign))
+    if first:
+        # at once an empty ledger, before anything is signed: a first apply interrupted from
+        # here on is finished by the next one (plan's _unfinished_first_apply)
+        writer.write(layout.LEDGER, ledger.encode(_pinned(Ledger(), signer, None), signer.sign))
     return signer
 
 
-def _unlock_ca(store: StateDir, passphrase: Passphrase) -> _Signer:
-    cert_read, key_read = store.read(layout.CA_CERT), store.read(layout.CA_KEY)
+def _unlock_ca(store: StateDir, passphrase: Passphrase, generation: int) -> _Signer:
+    cert_path, key_path = layout.ca_cert(generation), layout.ca_key(generation)
+    cert_read, key_read = store.read(cert_path), store.read(key_path)
     if cert_read.found is not Found.OK or key_read.found is not Found.OK:
         raise StateError("the CA files changed while planning; run the command again")
     try:
         key = pki.decrypt_key(key_read.data, passphrase.reveal())
     except (ValueError, TypeError):
         raise SecretError(
-            f"the CA passphrase from {passphrase.origin} does not unlock ca/ca.key: set the "
-            "right one; if it is right, ca/ca.key was replaced (git log -- ca/ shows by whom) "
+            f"the CA passphrase from {passphrase.origin} does not unlock {key_path}: set the "
+            f"right one; if it is right, {key_path} was replaced (git log -- ca/ shows by whom) "
             "and must be restored; nothing was written"
         ) from None
     cert = pki.load_certificates(cert_read.data)[0]
     if not pki.same_public_key(cert.public_key(), key.public_key()):
         raise StateError(
-            "ca/ca.key does not belong to ca/ca.crt; restore both from git (nothing was written)"
+            f"{key_path} does not belong to {cert_path}; restore both from git (nothing was "
+            "written)"
         )
     return _Signer(cert, key, pem.file_sha256(key_read.data))
 
@@ -258,11 +289,7 @@ def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passp
 
 
 def _ledger_after(
-    before: Ledger,
-    changes: Sequence[Action],
-    new: list[LedgerEntry],
-    signer: _Signer,
-    crl: SignCrl | None,
+    before: Ledger, changes: Sequence[Action], new: list[LedgerEntry], crls: list[SignCrl]
 ) -> Ledger:
     adopted: list[LedgerEntry] = []
     revoked: dict[int, Revocation] = {}
@@ -287,9 +314,7 @@ def _ledger_after(
         entries.append(entry)
     return Ledger(
         entries=(*entries, *new),
-        crl_number=crl.number if crl is not None else before.crl_number,
-        ca_fingerprint=signer.fingerprint,
-        ca_key_sha256=signer.key_sha256,
+        crl_number=max([crl.number for crl in crls], default=before.crl_number),
     )
 
 
@@ -341,7 +366,7 @@ def _issue(
     key_pem = pki.encrypt_key(key, passphrase.reveal())
     writer.write(layout.leaf_key(action.leaf), key_pem, secret=True)
     writer.write(layout.leaf_cert(action.leaf), pki.pem(cert))
-    facts = pki.certificate_facts(cert, None)
+    facts = pki.certificate_facts(cert)
     return LedgerEntry(
         serial=serial,
         kind=spec.kind,
@@ -356,4 +381,5 @@ def _issue(
         subject=facts.subject,
         dns=facts.dns,
         ips=facts.ips,
+        ca_generation=issuance.ca_generation,
     )

@@ -582,7 +582,15 @@ class _Checker:
                 subject=_subject(ca_doc["subject"], None),
                 key=self.key(ca_doc.get("key", "rsa-4096"), ("ca", "key")),
                 validity=self.validity(ca_doc.get("validity", "3650d"), ("ca", "validity")),
+                generation=ca_doc.get("generation", 1),
+                overlap=self.validity(ca_doc.get("overlap", "30d"), ("ca", "overlap")),
             )
+            if 2 * ca.overlap >= ca.validity:
+                self.problems.add(
+                    ("ca", "overlap"),
+                    f"ca.overlap ({describe_duration(ca.overlap)}) must be less than half of "
+                    f"ca.validity ({describe_duration(ca.validity)}): a rotation lasts twice it",
+                )
         if clean(("crl",)):
             crl_doc = doc.get("crl", {})
             crl = CRLSpec(

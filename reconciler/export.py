@@ -112,13 +112,16 @@ def export(
     owner_ids = None if owner is None else _owner_ids(owner)
     ref = LeafRef(kind, name)
     warnings = _refusal_and_warnings(plan, status, ref, layout_name)
-    reads = [
-        store.read(path)
-        for path in (layout.leaf_cert(ref), layout.leaf_key(ref), layout.CA_CERT, layout.CRL)
-    ]
+    # every CA clients and servers trust, newest first: two while a CA rotation overlaps
+    paths = [layout.leaf_cert(ref), layout.leaf_key(ref)]
+    paths += [layout.ca_cert(generation) for generation in plan.trusted]
+    paths += [layout.crl(generation) for generation in plan.trusted]
+    reads = [store.read(path) for path in paths]
     if any(read.found is not Found.OK for read in reads):
         raise StateError("the state directory changed while exporting; run the command again")
-    cert_pem, key_pem, ca_pem, crl_pem = (read.data for read in reads)
+    cert_pem, key_pem = reads[0].data, reads[1].data
+    ca_pem = b"".join(read.data for read in reads[2 : 2 + len(plan.trusted)])
+    crl_pem = b"".join(read.data for read in reads[2 + len(plan.trusted) :])
     if not encrypted or export_passphrase is not None:
         why = "the key is exported decrypted or re-encrypted (--encrypted alone keeps it as stored)"
         key_passphrase = sources.require(Which.KEY, why)

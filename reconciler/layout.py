@@ -9,11 +9,10 @@ from __future__ import annotations
 from reconciler.model import CertKind, LeafRef
 
 USERS_YAML = "users.yaml"
-CA_CERT = "ca/ca.crt"
+CA_CERT = "ca/ca.crt"  # generation 1's; ca_cert(generation) for any
 CA_KEY = "ca/ca.key"
 CRL = "ca/crl.pem"
 LEDGER = "ledger.jsonl"
-MANAGED_FILES = (CA_CERT, CA_KEY, CRL, LEDGER)
 DIRECTORIES = ("ca", *(kind.directory for kind in CertKind))
 SECRETS_DIR = ".secrets"  # beside the state directory, never inside it; git-ignored
 
@@ -23,6 +22,32 @@ DIR_MODE = 0o755
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
+
+
+def ca_dir(generation: int) -> str:
+    """Generation 1's CA lives in ca/ (where every state before rotations kept it); a later
+    one in ca/gN/, so a rotation never moves a file."""
+    return "ca" if generation == 1 else f"ca/g{generation}"
+
+
+def ca_cert(generation: int) -> str:
+    return f"{ca_dir(generation)}/ca.crt"
+
+
+def ca_key(generation: int) -> str:
+    return f"{ca_dir(generation)}/ca.key"
+
+
+def crl(generation: int) -> str:
+    return f"{ca_dir(generation)}/crl.pem"
+
+
+def ca_generation(relative_dir: str) -> int | None:
+    """The generation whose CA files relative_dir holds (ca_dir's inverse), or None."""
+    if relative_dir == "ca":
+        return 1
+    head, _, tail = relative_dir.partition("/g")
+    return int(tail) if head == "ca" and tail.isdigit() and int(tail) > 1 else None
 
 
 def leaf_cert(ref: LeafRef) -> str:
@@ -60,12 +85,21 @@ def leaf_of(relative: str) -> tuple[LeafRef, str] | None:
     return LeafRef(kind, stem), f".{suffix}"
 
 
+def is_ca_file(relative: str) -> bool:
+    directory, _, name = relative.rpartition("/")
+    return name in ("ca.crt", "ca.key", "crl.pem") and ca_generation(directory) is not None
+
+
 def is_managed(relative: str) -> bool:
-    """A file apply writes: the CA's files, the ledger, and leaf certificates and keys."""
-    return relative in MANAGED_FILES or (not is_temp(relative) and leaf_of(relative) is not None)
+    """A file apply writes: the CAs' files, the ledger, and leaf certificates and keys."""
+    return (
+        relative == LEDGER
+        or is_ca_file(relative)
+        or (not is_temp(relative) and leaf_of(relative) is not None)
+    )
 
 
 def expected_mode(relative: str) -> int:
-    if relative in DIRECTORIES:
+    if relative in DIRECTORIES or ca_generation(relative) is not None:
         return DIR_MODE
     return KEY_MODE if relative.endswith(".key") else PUBLIC_MODE

@@ -50,17 +50,24 @@ def encode_entry(entry: LedgerEntry) -> str:
         record["dns"] = list(entry.dns)
     if entry.ips:
         record["ips"] = list(entry.ips)
+    if entry.ca_generation != 1:
+        record["ca_generation"] = entry.ca_generation
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
 def encode(ledger: Ledger, sign: Callable[[bytes], bytes]) -> bytes:
     """The ledger's bytes, ending in a line with the CA's signature over everything before."""
-    header = {
+    header: dict[str, object] = {
         "ledger": FORMAT,
         "crl_number": ledger.crl_number,
         "ca": ledger.ca_fingerprint,
         "ca_key": ledger.ca_key_sha256,
     }
+    if ledger.previous_fingerprint is not None:
+        header["previous"] = {
+            "ca": ledger.previous_fingerprint,
+            "ca_key": ledger.previous_key_sha256,
+        }
     lines = [json.dumps(header, separators=(", ", ": "))]
     lines.extend(encode_entry(entry) for entry in ledger.entries)
     body = ("\n".join(lines) + "\n").encode("utf-8")
@@ -96,11 +103,16 @@ def decode(data: bytes) -> tuple[Ledger, bytes, bytes | None]:
     crl_number = header.get("crl_number")
     if not isinstance(crl_number, int) or crl_number < 0:
         raise ValueError("line 1: crl_number is not a whole number")
+    previous = header.get("previous") or {}
+    if not isinstance(previous, dict):
+        raise ValueError("line 1: previous is not an object")
     ledger = Ledger(
         entries=tuple(_entries(lines)),
         crl_number=crl_number,
         ca_fingerprint=header.get("ca"),
         ca_key_sha256=header.get("ca_key"),
+        previous_fingerprint=previous.get("ca"),
+        previous_key_sha256=previous.get("ca_key"),
     )
     return ledger, signed, signature
 
@@ -139,6 +151,7 @@ def _entries(lines: list[str]) -> Iterator[LedgerEntry]:
                 else None,
                 dns=tuple(map(str, record.get("dns", ()))),
                 ips=tuple(map(str, record.get("ips", ()))),
+                ca_generation=int(record.get("ca_generation", 1)),
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None

@@ -102,6 +102,21 @@ class CASpec:
     subject: Subject
     key: KeyType
     validity: timedelta
+    generation: int = 1  # raise it by one to replace the CA without an outage
+    overlap: timedelta = timedelta(days=30)  # each of a rotation's first two stages lasts this
+
+    def subject_of(self, generation: int) -> Subject:
+        """The subject of this generation's CA. From generation 2 on its CN says which, since
+        OpenSSL (and so PostgreSQL) cannot tell apart two CAs with the same subject when it
+        looks up an issuer or a CRL: tests/test_rotation.py shows both failing."""
+        if generation == 1:
+            return self.subject
+        mark = f" G{generation}"
+        if not any(attr == "CN" for attr, _ in self.subject):
+            return (*self.subject, ("CN", mark.strip()))
+        return tuple(
+            (attr, value + mark if attr == "CN" else value) for attr, value in self.subject
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -183,8 +198,12 @@ class CertFacts:
     not_before: datetime
     not_after: datetime
     fingerprint: str  # SHA-256 of the DER encoding, hex
-    signed_by_ca: bool  # the signature verifies with the current CA's public key
+    issuer: int | None  # the generation of our CA whose key signed it; None: none of ours
     is_ca: bool = False
+
+    @property
+    def signed_by_ca(self) -> bool:
+        return self.issuer is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -211,6 +230,7 @@ class ObservedCA:
     found: Found
     key: KeyFacts
     detail: str = ""
+    generation: int = 1  # which directory it was read from (layout.ca_dir)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,6 +267,7 @@ class LedgerEntry:
     subject: Subject | None = None
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
+    ca_generation: int = 1  # the CA that signed it
 
     @property
     def ref(self) -> LeafRef:
@@ -263,7 +284,7 @@ class LedgerEntry:
             not_before=self.not_before,
             not_after=self.not_after,
             fingerprint=self.fingerprint,
-            signed_by_ca=True,
+            issuer=self.ca_generation,
         )
 
 
@@ -276,6 +297,9 @@ class Ledger:
     ca_fingerprint: str | None = None  # SHA-256 of the CA certificate it was written under
     ca_key_sha256: str | None = None  # SHA-256 of the encrypted CA key file
     signature_ok: bool | None = None  # its CA signature verifies; None: no CA to check with
+    # during a CA rotation, the same pins for the older CA (the newest one signs the ledger)
+    previous_fingerprint: str | None = None
+    previous_key_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -289,8 +313,8 @@ class TempFile:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Observed:
-    ca: ObservedCA
-    crl: ObservedCRL
+    ca: ObservedCA  # the newest generation present
+    crl: ObservedCRL  # its CRL
     leaves: tuple[ObservedLeaf, ...]
     ledger: Ledger
     modes: tuple[tuple[str, int], ...] = ()  # managed path (relative) → permission bits
@@ -300,6 +324,9 @@ class Observed:
     # plan --base REF: (path, how) of every path but users.yaml that differs from REF
     changed_from_base: tuple[tuple[str, str], ...] = ()
     base: str | None = None
+    # during a CA rotation, the older CA and its CRL
+    previous: ObservedCA | None = None
+    previous_crl: ObservedCRL | None = None
 
 
 # --------------------------------------------------------------------------- plan
@@ -325,11 +352,13 @@ class Issuance:
     spec: LeafSpec
     not_before: datetime
     not_after: datetime
+    ca_generation: int = 1  # the CA that signs it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CreateCa:
-    """There is no usable CA yet: make one (a first apply, or an interrupted one)."""
+    """Make the CA of spec.generation: there is none yet (a first apply, or an interrupted
+    one), or users.yaml raised the generation (the first stage of a rotation)."""
 
     kind: ClassVar[ActionKind] = ActionKind.CA
     spec: CASpec
@@ -426,10 +455,25 @@ class SignCrl:
     next_update: datetime
     revoked: tuple[Revocation, ...]
     reasons: tuple[str, ...]
+    generation: int = 1  # the CA that signs it
 
     @property
     def subject(self) -> str:
-        return "crl"
+        return crl_name(self.generation)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetireCa:
+    """The last stage of a rotation: the older CA leaves the bundles; its files go (git keeps
+    them in history)."""
+
+    kind: ClassVar[ActionKind] = ActionKind.CA
+    generation: int
+    reasons: tuple[str, ...]
+
+    @property
+    def subject(self) -> str:
+        return f"ca generation {self.generation}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -454,7 +498,18 @@ class Noop:
     replaces: int | None = None  # the certificate in place
 
 
-Action = CreateCa | Issue | Reissue | Renew | Revoke | RetireGeneration | SignCrl | Repair | Noop
+Action = (
+    CreateCa
+    | Issue
+    | Reissue
+    | Renew
+    | Revoke
+    | RetireGeneration
+    | SignCrl
+    | RetireCa
+    | Repair
+    | Noop
+)
 
 
 class Standing(enum.StrEnum):
@@ -489,6 +544,8 @@ class Plan:
     modes: tuple[tuple[str, int, int], ...] = ()  # (path, mode, wanted): every apply fixes them
     signs: bool = False  # the changes sign something: a certificate, the CRL or the ledger
     makes_keys: bool = False  # the changes make leaf keys (and so need the key passphrase)
+    trusted: tuple[int, ...] = (1,)  # CA generations clients and servers trust, newest first
+    rotation: str | None = None  # the stage of a CA rotation, and the date of the next step
 
     @property
     def changes(self) -> tuple[Action, ...]:
@@ -519,3 +576,8 @@ def format_time(moment: datetime) -> str:
 
 def format_serial(serial: int) -> str:
     return f"{serial:040x}"
+
+
+def crl_name(generation: int) -> str:
+    """How plans and status name a CA generation's CRL."""
+    return "crl" if generation == 1 else f"crl generation {generation}"

@@ -12,6 +12,8 @@ no-op over thousands of names cheap.
 
 from __future__ import annotations
 
+import dataclasses
+
 from cryptography import x509
 
 from reconciler import layout, ledger, pem, pki
@@ -46,9 +48,13 @@ def _key(read: FileRead) -> KeyFacts:
     )
 
 
-def _parse(data: bytes, ca_cert: x509.Certificate | None) -> CertFacts:
+Cas = list[tuple[int, x509.Certificate]]
+"""The usable CA certificates with their generations, newest first."""
+
+
+def _parse(data: bytes, cas: Cas) -> CertFacts:
     """ValueError when data holds no certificate, or a broken one."""
-    return pki.certificate_facts(pki.load_certificates(data)[0], ca_cert)
+    return pki.certificate_facts(pki.load_certificates(data)[0], cas)
 
 
 class _Observer:
@@ -74,21 +80,24 @@ class _Observer:
         if pem.holds_plaintext_key(data):
             self.plaintext.append(relative)
 
-    def ca(self) -> tuple[ObservedCA, x509.Certificate | None]:
-        key = _key(self.read(layout.CA_KEY, key=True))
-        read = self.read(layout.CA_CERT)
+    def ca(self, generation: int) -> tuple[ObservedCA, x509.Certificate | None]:
+        key = _key(self.read(layout.ca_key(generation), key=True))
+        read = self.read(layout.ca_cert(generation))
         if read.found is not Found.OK:
-            return ObservedCA(None, read.found, key, read.detail), None
+            return ObservedCA(None, read.found, key, read.detail, generation), None
         try:
             cert = pki.load_certificates(read.data)[0]
-            facts = pki.certificate_facts(cert, cert)
+            facts = pki.certificate_facts(cert, [(generation, cert)])
         except ValueError as exc:
-            return ObservedCA(None, Found.UNUSABLE, key, _unusable(exc)), None
+            return ObservedCA(None, Found.UNUSABLE, key, _unusable(exc), generation), None
         if not facts.is_ca or not facts.signed_by_ca:
-            return ObservedCA(facts, Found.UNUSABLE, key, "not a self-signed CA certificate"), None
-        return ObservedCA(facts, Found.OK, key), cert
+            detail = "not a self-signed CA certificate"
+            return ObservedCA(facts, Found.UNUSABLE, key, detail, generation), None
+        return ObservedCA(facts, Found.OK, key, "", generation), cert
 
-    def ledger(self, ca_cert: x509.Certificate | None) -> Ledger:
+    def ledger(self, cas: Cas) -> Ledger:
+        """The ledger, its signature checked with the CA its header names (the newest CA
+        signs it; an apply interrupted as a rotation began leaves the older one's)."""
         read = self.read(layout.LEDGER)
         if read.found is not Found.OK:
             return Ledger(found=read.found, detail=read.detail)
@@ -96,21 +105,18 @@ class _Observer:
             decoded, signed, signature = ledger.decode(read.data)
         except ValueError as exc:
             return Ledger(found=Found.UNUSABLE, detail=_unusable(exc))
-        if ca_cert is None:
+        named = [cert for _, cert in cas if pki.fingerprint(cert) == decoded.ca_fingerprint]
+        signers = named or [cert for _, cert in cas]
+        if not signers:
             return decoded
-        ok = signature is not None and pki.verify(ca_cert.public_key(), signed, signature)
-        return Ledger(
-            entries=decoded.entries,
-            crl_number=decoded.crl_number,
-            ca_fingerprint=decoded.ca_fingerprint,
-            ca_key_sha256=decoded.ca_key_sha256,
-            signature_ok=ok,
-        )
+        signer = signers[0]
+        ok = signature is not None and pki.verify(signer.public_key(), signed, signature)
+        return dataclasses.replace(decoded, signature_ok=ok)
 
     def leaves(
         self,
         listing_names: dict[CertKind, list[str]],
-        ca_cert: x509.Certificate | None,
+        cas: Cas,
         known: dict[str, LedgerEntry],
     ) -> list[ObservedLeaf]:
         leaves = []
@@ -129,13 +135,13 @@ class _Observer:
                     leaves.append(ObservedLeaf(ref, entry.facts(entry.subject), Found.OK, key))
                     continue
                 try:
-                    leaves.append(ObservedLeaf(ref, _parse(data, ca_cert), Found.OK, key))
+                    leaves.append(ObservedLeaf(ref, _parse(data, cas), Found.OK, key))
                 except ValueError as exc:
                     leaves.append(ObservedLeaf(ref, None, Found.UNUSABLE, key, _unusable(exc)))
         return leaves
 
-    def crl(self, ca_cert: x509.Certificate | None) -> ObservedCRL:
-        read = self.read(layout.CRL)
+    def crl(self, generation: int, ca_cert: x509.Certificate | None) -> ObservedCRL:
+        read = self.read(layout.crl(generation))
         if read.found is not Found.OK:
             return ObservedCRL(read.found, read.detail)
         try:
@@ -158,14 +164,14 @@ class _Observer:
             revoked,
         )
 
-    def temp_file(self, relative: str, ca_cert: x509.Certificate | None) -> TempFile:
+    def temp_file(self, relative: str, cas: Cas) -> TempFile:
         data = self.store.read(relative).data
         self.check(relative, data)
         leaf = layout.leaf_of(relative)
         cert = None
         if leaf is not None and leaf[1] == ".crt":
             try:
-                cert = _parse(data, ca_cert)
+                cert = _parse(data, cas)
             except ValueError:
                 cert = None
         return TempFile(path=relative, cert=cert, ref=leaf[0] if leaf is not None else None)
@@ -175,25 +181,38 @@ def observe(store: StateDir) -> Observed:
     """Everything plan() needs to know about the state directory, read once."""
     listing = store.listing()
     observer = _Observer(store, dict(listing.dir_modes))
-    ca, ca_cert = observer.ca()
-    found_ledger = observer.ledger(ca_cert)
+    generations = sorted(listing.ca_generations or {1}, reverse=True)
+    unreadable = list(listing.unreadable)
+    for extra in generations[2:]:
+        unreadable.append(
+            (layout.ca_dir(extra), "a third CA generation: a rotation keeps two at the most")
+        )
+    (ca, ca_cert), previous = observer.ca(generations[0]), None
+    cas: Cas = [(generations[0], ca_cert)] if ca_cert is not None else []
+    if len(generations) > 1:
+        previous = observer.ca(generations[1])
+        if previous[1] is not None:
+            cas.append((generations[1], previous[1]))
+    found_ledger = observer.ledger(cas)
     known = (
         {entry.fingerprint: entry for entry in found_ledger.entries}
         if found_ledger.signature_ok
         else {}
     )
-    leaves = observer.leaves(listing.leaf_names, ca_cert, known)
-    crl = observer.crl(ca_cert)
-    temp_files = tuple(observer.temp_file(path, ca_cert) for path in listing.temp_files)
+    leaves = observer.leaves(listing.leaf_names, cas, known)
+    crl = observer.crl(generations[0], ca_cert)
+    temp_files = tuple(observer.temp_file(path, cas) for path in listing.temp_files)
     for relative in [*listing.other_files, layout.USERS_YAML]:
         observer.check(relative, store.read(relative).data)
     return Observed(
         ca=ca,
         crl=crl,
+        previous=previous[0] if previous else None,
+        previous_crl=observer.crl(generations[1], previous[1]) if previous else None,
         leaves=tuple(leaves),
         ledger=found_ledger,
         modes=tuple(sorted(observer.modes.items())),
         temp_files=temp_files,
         plaintext_keys=tuple(sorted(set(observer.plaintext))),
-        unreadable=tuple(listing.unreadable),
+        unreadable=tuple(unreadable),
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from cryptography import x509
@@ -193,7 +193,7 @@ def _builder(
 def build_ca_certificate(
     spec: CASpec, key: PrivateKey, *, serial: int, not_before: datetime, not_after: datetime
 ) -> x509.Certificate:
-    subject = name(spec.subject)
+    subject = name(spec.subject_of(spec.generation))
     public_key = key.public_key()
     builder = (
         _builder(subject, subject, public_key, serial, not_before, not_after)
@@ -326,8 +326,16 @@ def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     return True
 
 
-def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) -> CertFacts:
-    """Reduce a certificate to CertFacts; signed_by_ca checks the signature against ca_cert."""
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER encoding, hex: how the ledger names a certificate."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def certificate_facts(
+    cert: x509.Certificate, cas: Sequence[tuple[int, x509.Certificate]] = ()
+) -> CertFacts:
+    """Reduce a certificate to CertFacts; issuer is the generation of the first of cas (pairs
+    of generation and CA certificate) whose key signed it."""
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
     is_ca = False
@@ -338,7 +346,6 @@ def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) 
             ips = tuple(str(ip) for ip in value.get_values_for_type(x509.IPAddress))
         elif isinstance(value, x509.BasicConstraints):
             is_ca = value.ca
-    der = cert.public_bytes(serialization.Encoding.DER)
     return CertFacts(
         serial=cert.serial_number,
         subject=subject_of(cert.subject),
@@ -347,7 +354,7 @@ def certificate_facts(cert: x509.Certificate, ca_cert: x509.Certificate | None) 
         key=describe_key(cert.public_key()),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-        fingerprint=hashlib.sha256(der).hexdigest(),
-        signed_by_ca=ca_cert is not None and issued_by(cert, ca_cert),
+        fingerprint=fingerprint(cert),
+        issuer=next((generation for generation, ca in cas if issued_by(cert, ca)), None),
         is_ca=is_ca,
     )

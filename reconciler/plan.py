@@ -31,11 +31,14 @@ from reconciler.model import (
     NewCertificate,
     Noop,
     Observed,
+    ObservedCA,
+    ObservedCRL,
     ObservedLeaf,
     Plan,
     Reissue,
     Renew,
     Repair,
+    RetireCa,
     RetireGeneration,
     Revocation,
     RevocationReason,
@@ -43,6 +46,7 @@ from reconciler.model import (
     SignCrl,
     Standing,
     Subject,
+    crl_name,
     describe_duration,
     format_serial,
     format_time,
@@ -54,6 +58,8 @@ is a little behind accepts a fresh certificate and CRL (a CRL not yet valid lock
 
 DOCS_CA = "docs/state.md#the-ca"
 """Where the docs say what to do about the CA (its expiry, its replacement)."""
+
+REPLACE_CA = f"raise ca.generation by one to replace it without an outage ({DOCS_CA})"
 
 
 def _dn(subject: Subject) -> str:
@@ -100,9 +106,13 @@ class _Context:
         self.by_serial = {entry.serial: entry for entry in observed.ledger.entries}
         self.specs = {spec.ref: spec for spec in desired.leaves}
         self.blockers: list[str] = []
-        self.new_ca = False
-        ca_cert = observed.ca.cert
-        self.ca_not_after: datetime | None = ca_cert.not_after if ca_cert is not None else None
+        self.new_ca = False  # the only CA is new: every certificate is issued again
+        ca = observed.ca
+        self.issuing = ca.generation  # the CA generation that signs new certificates
+        self.trusted = [ca.generation]  # CA generations in every bundle after this apply
+        self.reissue_from: int | None = None  # a rotation's stage 2 and 3: leave this CA
+        self.rotation: str | None = None
+        self.ca_not_after: datetime | None = ca.cert.not_after if ca.cert is not None else None
 
     def block(self, problem: str) -> None:
         if problem not in self.blockers:
@@ -115,7 +125,7 @@ class _Context:
         if self.ca_not_after is not None and not_after > self.ca_not_after:
             not_after = self.ca_not_after
             notes = (f"shortened to end with the CA on {_day(not_after)}",)
-        return Issuance(spec, self.start - BACKDATE, not_after), notes
+        return Issuance(spec, self.start - BACKDATE, not_after, self.issuing), notes
 
     def revocation(self, serial: int, reason: RevocationReason) -> Revocation:
         return Revocation(serial, self.start, reason)
@@ -135,23 +145,28 @@ def _unfinished_first_apply(observed: Observed) -> bool:
     )
 
 
-def _create_ca(ctx: _Context, why: str) -> CreateCa:
+def _create_ca(ctx: _Context, why: str, *, rotation: bool = False) -> CreateCa:
     spec = ctx.desired.ca
-    ctx.new_ca = True
     not_after = ctx.start + spec.validity
-    ctx.ca_not_after = not_after
+    if not rotation:
+        ctx.new_ca = True
+        ctx.ca_not_after = not_after
+        ctx.issuing = spec.generation
+        ctx.trusted = [spec.generation]
+    subject = _dn(spec.subject_of(spec.generation))
     return CreateCa(
         spec=spec,
         not_before=ctx.start - BACKDATE,
         not_after=not_after,
-        reasons=(f"{why} ({_dn(spec.subject)}; {spec.key}; valid until {_day(not_after)})",),
+        reasons=(f"{why} ({subject}; {spec.key}; valid until {_day(not_after)})",),
     )
 
 
 def _plan_ca(ctx: _Context) -> Action:
     ca, spec, ledger = ctx.observed.ca, ctx.desired.ca, ctx.observed.ledger
+    cert_path, key_path = layout.ca_cert(ca.generation), layout.ca_key(ca.generation)
     blocked = Noop("ca", ("blocked: see below",))
-    for path, facts in ((layout.CA_CERT, ca), (layout.CA_KEY, ca.key)):
+    for path, facts in ((cert_path, ca), (key_path, ca.key)):
         if facts.found is Found.UNREADABLE:
             ctx.block(_unreadable(path, facts.detail))
             return blocked
@@ -166,61 +181,54 @@ def _plan_ca(ctx: _Context) -> Action:
             return _create_ca(ctx, "no CA yet: create one")
         if not key_missing and first_run:
             return _create_ca(
-                ctx, "an interrupted first apply left ca/ca.key without ca/ca.crt: create the CA"
+                ctx,
+                f"an interrupted first apply left {key_path} without {cert_path}: create the CA",
             )
         if not key_missing:
             ctx.block(
-                "ca/ca.key exists but ca/ca.crt does not: restore ca/ca.crt from git "
-                "(git checkout -- ca/ca.crt), or move ca.key away to start a new CA"
+                f"{key_path} exists but {cert_path} does not: restore {cert_path} from git "
+                f"(git checkout -- {cert_path}), or move ca.key away to start a new CA"
             )
         else:
             ctx.block(
-                f"ca/ca.crt is missing but the ledger holds {len(live)} certificates "
-                "that are still valid: restore ca/ in the state directory from git; "
-                "a new CA could not revoke them"
+                f"{cert_path} is missing but the ledger holds {len(live)} certificates "
+                f"that are still valid: restore {layout.ca_dir(ca.generation)}/ in the state "
+                "directory from git; a new CA could not revoke them"
             )
         return blocked
     if key_missing and first_run:
         return _create_ca(
-            ctx, "an interrupted first apply left ca/ca.crt without ca/ca.key: create the CA"
+            ctx, f"an interrupted first apply left {cert_path} without {key_path}: create the CA"
         )
     if ca.cert is None or ca.found is not Found.OK:
         ctx.block(
-            f"ca/ca.crt is unusable ({ca.detail}): restore it from git; the tool never "
+            f"{cert_path} is unusable ({ca.detail}): restore it from git; the tool never "
             "replaces a CA on its own, since that would orphan every certificate"
         )
         return blocked
-    if ca.key.found is Found.PLAINTEXT:
-        ctx.block(
-            "ca/ca.key is not encrypted: encrypt it (openssl pkcs8 -topk8 -v2 aes-256-cbc) "
-            "and rotate the CA passphrase"
+    previous = ctx.observed.previous
+    if (
+        previous is not None
+        and previous.cert is not None
+        and ledger.ca_fingerprint == previous.cert.fingerprint
+        and ledger.previous_fingerprint is None
+        and ctx.observed.crl.found is Found.MISSING
+    ):
+        # the ledger was never signed by this CA, and it signed no CRL: the apply that began
+        # the rotation stopped right after writing it, and nothing depends on it yet
+        ctx.issuing, ctx.trusted = previous.generation, [ca.generation, previous.generation]
+        return _create_ca(
+            ctx,
+            f"an interrupted apply began the rotation: create the generation {ca.generation} "
+            "CA again",
+            rotation=True,
         )
-    elif ca.key.found is not Found.OK:
-        ctx.block(f"ca/ca.key is {ca.key.found} ({ca.key.detail}): restore it from git")
-    if ledger.ca_fingerprint is not None and ledger.ca_fingerprint != ca.cert.fingerprint:
-        ctx.block(
-            f"ca/ca.crt is not the CA this state was issued under (the ledger names "
-            f"{ledger.ca_fingerprint[:16]}…, ca.crt is {ca.cert.fingerprint[:16]}…): restore "
-            "ca/ from git (git log -- ca/ shows who changed it); a CA is never replaced "
-            "automatically, since every certificate and the CRL hang on it"
-        )
-    elif ledger.ca_key_sha256 not in (None, ca.key.sha256) and ca.key.sha256 is not None:
-        ctx.block(
-            "ca/ca.key is not the key file this state was issued with: restore it from git "
-            "(git checkout -- ca/ca.key); if you re-encrypted it on purpose, restore the old "
-            "file, since the reconciler cannot tell that from a replaced key"
-        )
-    elif ledger.signature_ok is False:
+    pinned = _check_ca_files(ctx, ca, ledger.ca_fingerprint, ledger.ca_key_sha256)
+    if pinned and ledger.signature_ok is False:
         ctx.block(
             "ledger.jsonl was changed outside the reconciler (its CA signature does not "
             "verify): restore it from git (git log -p -- ledger.jsonl shows the edit); only "
             "apply writes the ledger"
-        )
-    if ca.cert.not_before > ctx.now:
-        ctx.block(
-            f"the CA is not valid before {format_time(ca.cert.not_before)} (the clock went "
-            "back, or the first apply ran with a later --now): no certificate it signs is "
-            f"accepted until then; set the clock right ({DOCS_CA})"
         )
     reasons = [f"valid until {_day(ca.cert.not_after)}"]
     if _unfinished_first_apply(ctx.observed):
@@ -228,19 +236,161 @@ def _plan_ca(ctx: _Context) -> Action:
     if ca.cert.not_after <= ctx.now:
         ctx.block(
             f"the CA expired on {format_time(ca.cert.not_after)}: no certificate it signs is "
-            f"accepted; create a new CA ({DOCS_CA})"
+            f"accepted; {REPLACE_CA}"
         )
-    if ca.cert.subject != spec.subject:
+    if ca.cert.subject != spec.subject_of(ca.generation):
         reasons.append(
-            f"users.yaml asks for CA subject {_dn(spec.subject)} but the CA has "
-            f"{_dn(ca.cert.subject)}; a CA is never replaced automatically ({DOCS_CA})"
+            f"users.yaml asks for CA subject {_dn(spec.subject_of(ca.generation))} but the CA "
+            f"has {_dn(ca.cert.subject)}; {REPLACE_CA}"
         )
     if ca.cert.key != spec.key:
         reasons.append(
-            f"users.yaml asks for a {spec.key} CA key but the CA has {ca.cert.key}; "
-            f"a CA is never replaced automatically ({DOCS_CA})"
+            f"users.yaml asks for a {spec.key} CA key but the CA has {ca.cert.key}; {REPLACE_CA}"
         )
     return Noop("ca", tuple(reasons), ca.cert.serial)
+
+
+def _check_ca_files(ctx: _Context, ca: ObservedCA, pin: str | None, key_pin: str | None) -> bool:
+    """Block unless ca's files are usable and are the ones the ledger pins; False when they
+    are not the pinned ones."""
+    assert ca.cert is not None
+    cert_path, key_path = layout.ca_cert(ca.generation), layout.ca_key(ca.generation)
+    if ca.key.found is Found.PLAINTEXT:
+        ctx.block(
+            f"{key_path} is not encrypted: encrypt it (openssl pkcs8 -topk8 -v2 aes-256-cbc) "
+            "and rotate the CA passphrase"
+        )
+    elif ca.key.found is not Found.OK:
+        ctx.block(f"{key_path} is {ca.key.found} ({ca.key.detail}): restore it from git")
+    pinned = False
+    if pin is not None and pin != ca.cert.fingerprint:
+        ctx.block(
+            f"{cert_path} is not the CA this state was issued under (the ledger names "
+            f"{pin[:16]}…, ca.crt is {ca.cert.fingerprint[:16]}…): restore "
+            f"{layout.ca_dir(ca.generation)}/ from git (git log -- ca/ shows who changed it); "
+            "a CA is never replaced automatically, since every certificate and the CRL hang on it"
+        )
+    elif key_pin not in (None, ca.key.sha256) and ca.key.sha256 is not None:
+        ctx.block(
+            f"{key_path} is not the key file this state was issued with: restore it from git "
+            f"(git checkout -- {key_path}); if you re-encrypted it on purpose, restore the old "
+            "file, since the reconciler cannot tell that from a replaced key"
+        )
+    else:
+        pinned = True
+    if ca.cert.not_before > ctx.now:
+        ctx.block(
+            f"the CA is not valid before {format_time(ca.cert.not_before)} (the clock went "
+            "back, or the first apply ran with a later --now): no certificate it signs is "
+            f"accepted until then; set the clock right ({DOCS_CA})"
+        )
+    return pinned
+
+
+def rotation_stage(desired: Desired, observed: Observed, now: datetime) -> tuple[int, datetime]:
+    """The stage (1, 2 or 3) of the CA rotation underway, and when the next stage begins (for
+    stage 3, when it began). Stages are paced by ca.overlap from the day the newer CA was made,
+    so ordinary applies move them on and no one has to remember a step."""
+    assert observed.ca.cert is not None
+    started = observed.ca.cert.not_before + BACKDATE
+    stage_2, stage_3 = started + desired.ca.overlap, started + 2 * desired.ca.overlap
+    if now < stage_2:
+        return 1, stage_2
+    return (2, stage_3) if now < stage_3 else (3, stage_3)
+
+
+def _describe_rotation(stage: int, when: datetime, old: int, new: int) -> str:
+    return (
+        f"CA rotation from generation {old} to {new}, stage {stage} of 3: "
+        + {
+            1: f"both CAs are trusted, and generation {old} still issues; from {_day(when)} every "
+            f"certificate is re-issued under generation {new}",
+            2: f"generation {new} issues, and every certificate is re-issued under it; both CAs "
+            f"stay trusted until {_day(when)}",
+            3: f"generation {old} left the bundles on {_day(when)}",
+        }[stage]
+    )
+
+
+def _plan_rotation(ctx: _Context) -> list[Action]:
+    """Raising ca.generation by one replaces the CA in three stages (DESIGN.md, "Replacing the
+    CA without an outage"): (1) a new CA, both trusted, the old one still issuing; (2) after
+    ca.overlap, every certificate re-issued under the new one; (3) after another overlap, the
+    old CA leaves the bundles."""
+    spec, ca, previous, ledger = (
+        ctx.desired.ca,
+        ctx.observed.ca,
+        ctx.observed.previous,
+        ctx.observed.ledger,
+    )
+    if ca.cert is None or ctx.new_ca or ctx.blockers:
+        return []
+    wanted, current = spec.generation, ca.generation
+    if previous is None:
+        if wanted == current:
+            return []
+        if wanted != current + 1:
+            ctx.block(
+                f"ca.generation is {wanted} but the CA is generation {current}: "
+                + (
+                    f"raise it by one at a time ({current + 1}), and only once a rotation ends"
+                    if wanted > current
+                    else f"a generation is never lowered; set it back to {current}"
+                )
+            )
+            return []
+        ctx.trusted = [wanted, current]
+        ctx.rotation = _describe_rotation(1, ctx.start + spec.overlap, current, wanted)
+        return [
+            _create_ca(
+                ctx,
+                f"ca.generation raised to {wanted}: create the new CA, trusted from now on "
+                f"beside generation {current}, which issues until {_day(ctx.start + spec.overlap)}",
+                rotation=True,
+            )
+        ]
+    if previous.cert is None or previous.found is not Found.OK:
+        ctx.block(
+            f"{layout.ca_cert(previous.generation)} is unusable "
+            f"({previous.detail or previous.found}) while a CA rotation is underway: restore it "
+            "from git"
+        )
+        return []
+    if wanted != current:
+        ctx.block(
+            f"ca.generation is {wanted}, but a rotation from generation {previous.generation} "
+            f"to {current} is underway: set it back to {current} until that rotation ends"
+        )
+        return []
+    stage, when = rotation_stage(ctx.desired, ctx.observed, ctx.now)
+    ctx.rotation = _describe_rotation(stage, when, previous.generation, current)
+    if ledger.previous_fingerprint is None and ledger.ca_fingerprint == ca.cert.fingerprint:
+        if stage < 3:
+            ctx.block(
+                f"the ledger does not pin {layout.ca_cert(previous.generation)}: restore "
+                "ledger.jsonl and ca/ from git"
+            )
+            return []
+        # an apply retired the old CA in the ledger, and stopped before removing its files
+    else:
+        _check_ca_files(ctx, previous, ledger.previous_fingerprint, ledger.previous_key_sha256)
+    if stage == 1:
+        ctx.issuing, ctx.trusted = previous.generation, [current, previous.generation]
+        ctx.ca_not_after = previous.cert.not_after
+        return []
+    ctx.reissue_from = previous.generation
+    if stage == 2:
+        ctx.trusted = [current, previous.generation]
+        return []
+    return [
+        RetireCa(
+            previous.generation,
+            (
+                f"stage 3 of the rotation: generation {previous.generation} leaves every bundle; "
+                f"its files stay in git's history",
+            ),
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- leaves
@@ -274,6 +424,7 @@ def _adopted(cert: CertFacts, ref: LeafRef, key_sha256: str, status: CertStatus)
         subject=cert.subject,
         dns=cert.dns,
         ips=cert.ips,
+        ca_generation=cert.issuer or 1,
     )
 
 
@@ -391,6 +542,8 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
     assert current is not None
     entry = ctx.by_serial[current.serial]
     changes = _spec_changes(spec, current, entry)
+    if current.issuer == ctx.reissue_from:
+        changes.append(f"CA rotation: re-issue under the generation {ctx.issuing} CA")
     if changes:
         issuance, notes = ctx.issuance(spec)
         revoke = old_generation
@@ -486,30 +639,42 @@ def _plan_temp_files(ctx: _Context) -> Repair | None:
     )
 
 
-def _still_revoked(ctx: _Context) -> dict[int, Revocation]:
-    """Every revocation the next CRL must carry: the ledger's, the plan's, and every one the
+def _still_revoked(ctx: _Context, generation: int, crl: ObservedCRL) -> dict[int, Revocation]:
+    """Every revocation the generation's next CRL must carry: the ledger's, and every one the
     CRL in place lists, until the ledger says that certificate expired (a revoked serial
     stays revoked, whatever an older ledger says)."""
     revoked = {
         r.serial: r
-        for r in ctx.observed.crl.revoked
+        for r in crl.revoked
         if r.serial not in ctx.by_serial or ctx.by_serial[r.serial].not_after > ctx.now
     }
     for e in ctx.observed.ledger.entries:
-        if e.status is CertStatus.REVOKED and e.not_after > ctx.now:
+        if (
+            e.status is CertStatus.REVOKED
+            and e.not_after > ctx.now
+            and e.ca_generation == generation
+        ):
             reason = e.reason or RevocationReason.CESSATION_OF_OPERATION
             revoked[e.serial] = Revocation(e.serial, e.revoked_at or ctx.start, reason)
     return revoked
 
 
-def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
-    crl, spec = ctx.observed.crl, ctx.desired.crl
+def _plan_crl(ctx: _Context, actions: list[Action], generation: int) -> Action:
+    """The CRL of one trusted CA generation: carried on, refreshed, or signed anew."""
+    observed, spec, name = ctx.observed, ctx.desired.crl, crl_name(generation)
+    if generation == observed.ca.generation:
+        crl = observed.crl
+    elif observed.previous is not None and generation == observed.previous.generation:
+        crl = observed.previous_crl or ObservedCRL(Found.MISSING)
+    else:
+        crl = ObservedCRL(Found.MISSING)  # a CA this apply creates
+    path = layout.crl(generation)
     if crl.found is Found.UNREADABLE:
-        ctx.block(_unreadable(layout.CRL, crl.detail))
-        return Noop("crl", ("blocked: see below",))
+        ctx.block(_unreadable(path, crl.detail))
+        return Noop(name, ("blocked: see below",))
     if crl.number is not None and ctx.observed.ledger.crl_number < crl.number:
         ctx.block(
-            f"ledger.jsonl is older than ca/crl.pem (it knows CRL number "
+            f"ledger.jsonl is older than {path} (it knows CRL number "
             f"{ctx.observed.ledger.crl_number}, the CRL is number {crl.number}): an older ledger "
             "was restored, which would un-revoke certificates; restore the newest ledger from "
             "git (git log -- ledger.jsonl)"
@@ -517,16 +682,20 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
     lifetime = crl.next_update - crl.this_update if crl.next_update and crl.this_update else None
     if lifetime is not None and lifetime > spec.validity + BACKDATE:
         ctx.block(
-            f"ca/crl.pem is valid for {lifetime / timedelta(days=1):.0f}d, longer than "
+            f"{path} is valid for {lifetime / timedelta(days=1):.0f}d, longer than "
             f"crl.validity ({describe_duration(spec.validity)}) lets the reconciler sign it: "
             "it was replaced (a pull request may have swapped in a CA of its own: git log -- "
             "ca/; restore ca/ from git), or crl.validity was shortened (then remove "
-            f"ca/crl.pem in the same change: apply signs a new one from the ledger) ({DOCS_CA})"
+            f"{path} in the same change: apply signs a new one from the ledger) ({DOCS_CA})"
         )
-    revoked = _still_revoked(ctx)
+    revoked = _still_revoked(ctx, generation, crl)
+    issuers = {entry.serial: entry.ca_generation for entry in ctx.observed.ledger.entries}
+    for action in actions:
+        if isinstance(action, NewCertificate | Revoke):
+            issuers.update((entry.serial, entry.ca_generation) for entry in action.adopt)
     for action in actions:
         if isinstance(action, NewCertificate | Revoke | RetireGeneration):
-            revoked.update((r.serial, r) for r in action.revoke)
+            revoked.update((r.serial, r) for r in action.revoke if issuers[r.serial] == generation)
     reasons: list[str] = []
     if ctx.new_ca:
         reasons.append(
@@ -561,7 +730,7 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
     if not reasons:
         assert crl.next_update is not None
         return Noop(
-            "crl",
+            name,
             (
                 f"number {crl.number}, {len(crl.revoked)} revoked, next update "
                 f"{_day(crl.next_update)}",
@@ -573,6 +742,7 @@ def _plan_crl(ctx: _Context, actions: list[Action]) -> Action:
         next_update=ctx.start + spec.validity,
         revoked=tuple(sorted(revoked.values(), key=lambda r: r.serial)),
         reasons=tuple(reasons),
+        generation=generation,
     )
 
 
@@ -608,7 +778,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
             f"ledger.jsonl is unusable ({ledger.detail}): restore it from git "
             "(git checkout -- ledger.jsonl); it is the record of every serial"
         )
-    actions: list[Action] = [_plan_ca(ctx)]
+    actions: list[Action] = [_plan_ca(ctx), *_plan_rotation(ctx)]
     leaves = {leaf.ref: leaf for leaf in observed.leaves}
     specs = ctx.specs
     removed = {ref for ref in leaves if ref not in specs} | {
@@ -626,7 +796,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         actions.append(
             _plan_leaf(ctx, ref, spec, leaf) if spec is not None else _plan_removal(ctx, ref, leaf)
         )
-    actions.append(_plan_crl(ctx, actions))
+    actions += [_plan_crl(ctx, actions, generation) for generation in ctx.trusted]
     temp_files = _plan_temp_files(ctx)
     if temp_files is not None:
         actions.append(temp_files)
@@ -655,6 +825,8 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         modes=modes,
         signs=any(not isinstance(a, Repair) or a.adopt for a in changes),
         makes_keys=any(isinstance(a, NewCertificate) for a in changes),
+        trusted=tuple(ctx.trusted),
+        rotation=ctx.rotation,
     )
 
 
@@ -673,36 +845,28 @@ def _dated(
     return Held(kind, name, serial, not_after, standing)
 
 
-def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held, ...]:
-    """What `status` shows, as plan judges it: one row for the CA, the CRL, each certificate
-    on disk, and each superseded or revoked certificate that has not expired. Pure."""
+def _ca_rows(
+    ca: ObservedCA, crl: ObservedCRL, longest: timedelta, refresh: timedelta, now: datetime
+) -> list[Held]:
+    """The status rows of one CA generation and its CRL."""
     rows: list[Held] = []
-    ca = observed.ca
     if ca.cert is None or ca.found is not Found.OK:
         standing = Standing.MISSING if ca.found is Found.MISSING else Standing.UNUSABLE
         rows.append(Held("ca", "ca", None, None, standing, ca.detail))
     else:
-        # expiring: a leaf issued now would be cut short by the CA's end
-        longest = max((spec.validity for spec in desired.leaves), default=timedelta(days=365))
-        row = _dated(
-            "ca",
-            dict(ca.cert.subject).get("CN", "ca"),
-            ca.cert.serial,
-            ca.cert.not_after,
-            longest,
-            now,
-        )
+        name = dict(ca.cert.subject).get("CN", "ca")
+        row = _dated("ca", name, ca.cert.serial, ca.cert.not_after, longest, now)
         detail = "" if ca.key.found is Found.OK else f"ca.key {ca.key.found}"
         if ca.cert.not_before > now:
             row = dataclasses.replace(row, standing=Standing.UNUSABLE)
             detail = f"not valid before {format_time(ca.cert.not_before)}"
         rows.append(dataclasses.replace(row, detail=detail))
-    crl = observed.crl
+    name = crl_name(ca.generation)
     if crl.next_update is None:
         standing = Standing.MISSING if crl.found is Found.MISSING else Standing.UNUSABLE
-        rows.append(Held("crl", "crl", None, None, standing, crl.detail))
+        rows.append(Held("crl", name, None, None, standing, crl.detail))
     else:
-        row = _dated("crl", "crl", crl.number, crl.next_update, desired.crl.refresh_before, now)
+        row = _dated("crl", name, crl.number, crl.next_update, refresh, now)
         if crl.this_update is not None and crl.this_update > now:
             detail = f"not valid before {format_time(crl.this_update)}"
             rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail))
@@ -710,6 +874,24 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             rows.append(dataclasses.replace(row, detail=f"{len(crl.revoked)} revoked"))
         else:
             rows.append(dataclasses.replace(row, standing=Standing.UNUSABLE, detail=crl.detail))
+    return rows
+
+
+def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held, ...]:
+    """What `status` shows, as plan judges it: one row for the CA, the CRL, each certificate
+    on disk, and each superseded or revoked certificate that has not expired. Pure."""
+    rows: list[Held] = []
+    # expiring: a leaf issued now would be cut short by the CA's end
+    longest = max((spec.validity for spec in desired.leaves), default=timedelta(days=365))
+    pairs = [(observed.ca, observed.crl)]
+    if observed.previous is not None:
+        pairs.append((observed.previous, observed.previous_crl or ObservedCRL(Found.MISSING)))
+    for ca, crl in pairs:
+        rows += _ca_rows(ca, crl, longest, desired.crl.refresh_before, now)
+    if observed.previous is not None and observed.ca.cert is not None:
+        stage, when = rotation_stage(desired, observed, now)
+        text = _describe_rotation(stage, when, observed.previous.generation, observed.ca.generation)
+        rows[0] = dataclasses.replace(rows[0], detail=text)
     specs = {spec.ref: spec for spec in desired.leaves}
     by_serial = {entry.serial: entry for entry in observed.ledger.entries}
     on_disk = set()

@@ -85,7 +85,7 @@ def _action_line(action: Action, new_serials: Mapping[str, int]) -> str:
     reasons = "; ".join(action.reasons)
     match action:
         case SignCrl(number=number):
-            return f"crl number {number}: {reasons}"
+            return f"{action.subject} number {number}: {reasons}"
         case CreateCa():
             return f"ca: {reasons}"
         case Revoke(revoke=revoked) | RetireGeneration(revoke=revoked):
@@ -113,6 +113,8 @@ def commit_message(
         lines.append("users.yaml: the edit that caused this change")
     if leftovers:
         lines.append(f"recovered: {leftovers} files written by an interrupted apply")
+    if plan.rotation is not None:
+        lines.append(f"{plan.rotation}.")
     lines += [_action_line(action, new_serials) for action in plan.changes]
     lines += ["", f"Reconciled-at: {format_time(plan.now)}"]
     return "\n".join(lines) + "\n"

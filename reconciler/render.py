@@ -106,6 +106,8 @@ def plan_text(plan: Plan) -> str:
         (a.kind.value, a.subject, _serial(_in_place(a)), "; ".join(a.reasons)) for a in plan.actions
     ]
     text = f"Plan at {format_time(plan.now)}: {summary(plan)}\n\n"
+    if plan.rotation is not None:
+        text += f"{plan.rotation}.\n\n"
     text += _table(("ACTION", "SUBJECT", "SERIAL", "REASONS"), rows)
     chore = housekeeping(plan)
     if chore is not None:
@@ -138,6 +140,7 @@ def plan_json(plan: Plan) -> str:
         "changes": len(plan.changes),
         "summary": summary(plan),
         "blockers": list(plan.blockers),
+        "rotation": plan.rotation,
         "housekeeping": [chore] if (chore := housekeeping(plan)) else [],
         "actions": [_action_json(action) for action in plan.actions],
     }
@@ -163,6 +166,8 @@ def _md(text: str) -> str:
 
 def plan_markdown(plan: Plan) -> str:
     lines = [f"### Certificate plan: {summary(plan)}", ""]
+    if plan.rotation is not None:
+        lines += [f"**{_md(plan.rotation)}.**", ""]
     for blocker in plan.blockers:
         lines += [f"> **Blocked:** {_md(blocker)}", ""]
     changes = plan.changes
@@ -262,7 +267,8 @@ def prometheus(rows: Sequence[Held], last_success: float | None, environment: st
             continue
         value = f"{row.not_after.timestamp():.0f}"
         if row.kind == "crl":
-            samples["reconciler_crl_next_update_timestamp_seconds"].append(f"{{{env}}} {value}")
+            labels = f'{env},name="{_label(row.name)}"'  # a CA rotation has two CRLs
+            samples["reconciler_crl_next_update_timestamp_seconds"].append(f"{{{labels}}} {value}")
             continue
         labels = (
             f'{env},kind="{row.kind}",name="{_label(row.name)}",'

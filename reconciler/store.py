@@ -61,6 +61,7 @@ class Listing:
     temp_files: list[str] = dataclasses.field(default_factory=list)
     other_files: list[str] = dataclasses.field(default_factory=list)  # not written by apply
     unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    ca_generations: set[int] = dataclasses.field(default_factory=set)  # with any CA file
 
 
 def _read_fd(fd: int) -> FileRead:
@@ -215,7 +216,8 @@ class StateDir:
         pending = [("", root_fd)]
         while pending:
             relative_dir, fd = pending.pop()
-            if relative_dir in layout.DIRECTORIES:
+            generation = layout.ca_generation(relative_dir)
+            if relative_dir in layout.DIRECTORIES or generation is not None:
                 listing.dir_modes[relative_dir] = stat.S_IMODE(os.fstat(fd).st_mode)
             leaves = leaf_dirs.get(relative_dir)
             try:
@@ -241,7 +243,9 @@ class StateDir:
                     listing.temp_files.append(relative)
                 elif leaves is not None and name.endswith((".crt", ".key")) and name[0] != ".":
                     leaves.add(name[:-4])
-                elif relative not in layout.MANAGED_FILES and relative != layout.USERS_YAML:
+                elif generation is not None and layout.is_ca_file(relative):
+                    listing.ca_generations.add(generation)
+                elif relative not in (layout.LEDGER, layout.USERS_YAML):
                     listing.other_files.append(relative)
             os.close(fd)
         listing.leaf_names = {kind: sorted(found) for kind, found in names.items()}

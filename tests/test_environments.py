@@ -95,7 +95,8 @@ def test_each_environment_has_its_own_ca_and_passphrases(repo: Path, tmp_path: P
         with pytest.raises(ValueError, match="password"):
             load_pem_private_key(ca_key, other.encode())
         textfile = (tmp_path / f"reconciler-{env}.prom").read_text()
-        assert f'reconciler_crl_next_update_timestamp_seconds{{environment="{env}"}}' in textfile
+        labels = f'environment="{env}",name="crl"'
+        assert f"reconciler_crl_next_update_timestamp_seconds{{{labels}}}" in textfile
     assert git(repo, "rev-parse", "HEAD") == git(repo, "rev-parse", "origin/main")
     remote_files = git(repo, "ls-tree", "-r", "--name-only", "origin/main", "state")
     assert "state/acc/ca/ca.crt" in remote_files

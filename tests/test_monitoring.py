@@ -62,7 +62,7 @@ def test_prometheus_textfile_has_expiry_crl_and_last_success(state: Path, tmp_pa
     assert values[key] == alice.not_valid_after_utc.timestamp()
     assert any('name="o\\"q"' in name for name in values)  # label values are escaped
     assert (
-        values[f"reconciler_crl_next_update_timestamp_seconds{{{ENV}}}"]
+        values[f'reconciler_crl_next_update_timestamp_seconds{{{ENV},name="crl"}}']
         == (T0 + timedelta(days=30)).timestamp()
     )
     assert values[LAST_SUCCESS] == (T0 + timedelta(hours=1)).timestamp()

@@ -87,7 +87,7 @@ def issued(
         not_before=start,
         not_after=start + lifetime,
         fingerprint=f"fp{serial}",
-        signed_by_ca=True,
+        issuer=1,
     )
 
 
@@ -133,7 +133,7 @@ CA_CERT = CertFacts(
     not_before=NOW - 100 * DAY,
     not_after=NOW + 3000 * DAY,
     fingerprint="ca-fp",
-    signed_by_ca=True,
+    issuer=1,
     is_ca=True,
 )
 CA = ObservedCA(CA_CERT, Found.OK, KeyFacts(Found.OK, "ca-key"))
@@ -395,7 +395,7 @@ CASES = {
         "private key file is not the one issued",
     ),
     "signed by another CA": Case(
-        _leaf("client/alice", cert=dataclasses.replace(issued(ALICE, 11), signed_by_ca=False)),
+        _leaf("client/alice", cert=dataclasses.replace(issued(ALICE, 11), issuer=None)),
         "client/alice",
         IssueAction,
         "not signed by the current CA",
