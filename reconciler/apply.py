@@ -130,8 +130,7 @@ def apply(
         if create is None or generation != create.spec.generation
     }
     if create is not None:
-        first = observed.ledger.found is Found.MISSING
-        signers[create.spec.generation] = _create_ca(create, writer, ca_passphrase, first=first)
+        signers[create.spec.generation] = _create_ca(create, writer, ca_passphrase)
     issued: list[tuple[str, int]] = []
     if plan.signs:
         issued = _sign_and_record(plan, observed, writer, signers, key_passphrase, progress)
@@ -225,9 +224,7 @@ def _pinned(before: Ledger, signer: _Signer, previous: _Signer | None) -> Ledger
     )
 
 
-def _create_ca(
-    action: CreateCa, writer: _Writer, passphrase: Passphrase, *, first: bool
-) -> _Signer:
+def _create_ca(action: CreateCa, writer: _Writer, passphrase: Passphrase) -> _Signer:
     generation = action.spec.generation
     key = pki.generate_key(action.spec.key)
     cert = pki.build_ca_certificate(
@@ -241,7 +238,7 @@ def _create_ca(
     writer.write(layout.ca_key(generation), key_pem, secret=True)
     writer.write(layout.ca_cert(generation), pki.pem(cert))
     signer = _Signer(cert, key, pem.file_sha256(key_pem))
-    if first:
+    if not action.rotation:
         # at once an empty ledger, before anything is signed: a first apply interrupted from
         # here on is finished by the next one (plan's _unfinished_first_apply)
         writer.write(layout.LEDGER, ledger.encode(_pinned(Ledger(), signer, None), signer.sign))

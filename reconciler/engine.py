@@ -73,7 +73,7 @@ def _passphrases(
 ) -> tuple[Passphrase, Passphrase | None, list[tuple[Which, Passphrase]]]:
     """The passphrases an apply needs: always the CA's (every apply proves that ca.key opens
     with it), the key passphrase when it makes keys; generated ones only for a new CA."""
-    if not any(isinstance(action, CreateCa) for action in plan.changes):
+    if not any(isinstance(a, CreateCa) and not a.rotation for a in plan.changes):
         ca = sources.require(Which.CA, "every apply proves that ca/ca.key opens with it")
         key = sources.require(Which.KEY, "this apply makes new keys") if plan.makes_keys else None
         return ca, key, []

@@ -365,6 +365,7 @@ class CreateCa:
     not_before: datetime
     not_after: datetime
     reasons: tuple[str, ...]
+    rotation: bool = False  # a second CA beside the one in place, under its passphrase
 
     @property
     def subject(self) -> str:

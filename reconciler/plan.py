@@ -159,6 +159,7 @@ def _create_ca(ctx: _Context, why: str, *, rotation: bool = False) -> CreateCa:
         not_before=ctx.start - BACKDATE,
         not_after=not_after,
         reasons=(f"{why} ({subject}; {spec.key}; valid until {_day(not_after)})",),
+        rotation=rotation,
     )
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from support import at, ledger_of, run, users_yaml
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from support import CA_PASSPHRASE, at, ledger_of, run, users_yaml
 
 T0 = at("2026-01-01T00:00:00Z")
 DAY = timedelta(days=1)
@@ -206,3 +207,18 @@ def test_the_new_ca_and_both_crls_are_pkilint_clean(state: Path) -> None:
             done.stdout,
             done.stderr,
         )
+
+
+def test_a_rotation_needs_the_ca_passphrase_in_place_and_generates_none(state: Path) -> None:
+    """Only a first CA gets generated passphrases: the new CA of a rotation is encrypted with
+    the CA passphrase that opens the one in place, so both open with one secret."""
+    write(state, 2)
+    secrets_dir = state.parent / ".secrets"
+    done = run(state, "apply", "--no-commit", now=T1, environ={"HOME": str(state.parent)})
+    assert done.code == 1
+    assert "RECONCILER_CA_PASSPHRASE" in done.err
+    assert not secrets_dir.exists()
+    assert not (state / "ca/g2").exists()
+    apply(state, T1)
+    for key in ("ca/ca.key", "ca/g2/ca.key"):
+        load_pem_private_key((state / key).read_bytes(), CA_PASSPHRASE.encode())
