@@ -75,8 +75,10 @@ renew: $(VENV)/.runtime $(if $(INVENTORY),$(VENV)/.rollout)
 	  inventory=$(INVENTORY); inventory=$${inventory//%/$$name}; \
 	  echo "== renew $$state"; \
 	  $(BIN)/reconciler --state $$state apply --push $${prom:+--prometheus $$prom} $(ARGS) \
-	  && { [ -z "$$inventory" ] || $(BIN)/ansible-playbook -i $$inventory \
-	       contrib/ansible/rollout.yml -e reconciler_state=$$state; } \
+	  && { [ -z "$$inventory" ] || { [ ! -e "$$inventory" ] \
+	       && echo "no inventory $$inventory: no rollout for $$state"; } \
+	       || $(BIN)/ansible-playbook -i $$inventory contrib/ansible/rollout.yml \
+	          -e reconciler_state=$$state; } \
 	  && $(BIN)/reconciler --state $$state status --warn-days $(WARN_DAYS) \
 	       $${prom:+--prometheus $$prom} \
 	  || failed="$$failed $$state"; \

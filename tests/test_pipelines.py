@@ -132,7 +132,7 @@ def test_gitlab_merge_request_job_holds_no_token_its_code_could_read() -> None:
     assert all("merge_request" not in rule["if"] for rule in reconcile["rules"])
     # git and the install run without the passphrases; only `make renew` has them
     script = reconcile["script"]
-    assert script[-1] == 'INVENTORY="${RECONCILER_INVENTORY:-}" make renew'
+    assert script[-1] == 'INVENTORY="inventory/${STATE##*/}.yml" make renew'
     assert script[-3] == "$NO_SECRETS make venv"
     assert all(line.startswith("$NO_SECRETS ") for line in script[1:-2])
 
