@@ -187,6 +187,10 @@ def _build_parser() -> _Parser:
     hba.add_argument(
         "--lenient", action="store_true", help="only warn about earlier lines it cannot judge"
     )
+    rotate = command("rotate-passphrase", "re-encrypt the CA key or every leaf key, and commit")
+    rotate.add_argument("what", choices=("ca", "keys"), help="ca/ca.key, or every leaf key")
+    rotate.add_argument("--no-commit", action="store_true", help="make no git commit")
+    _passphrase_files(rotate, Which.CA, Which.KEY, Which.NEW)
     status = command("status", "what is on disk, with days left")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.add_argument(
@@ -432,6 +436,32 @@ def _hba(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _rotate(
+    args: argparse.Namespace, now: datetime, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    which = Which.CA if args.what == "ca" else Which.KEY
+    done = engine.rotate_passphrase(
+        args.state,
+        now,
+        which,
+        _sources(args, environ),
+        commit=not args.no_commit,
+        environ=environ,
+        waiting=lambda: _say(err, f"another apply is running on {args.state}; waiting for it"),
+    )
+    out.write(f"Re-encrypted {_count(len(done.rewritten), 'key file')} under the new passphrase.\n")
+    if done.recorded is not None and done.recorded.sha is not None:
+        out.write(f"Committed {done.recorded.sha[:12]}; push it.\n")
+    _say(
+        err,
+        f"{done.secret_file} holds the new {which.label} passphrase now (mode 0600)"
+        if done.secret_file is not None
+        else f"the {which.label} passphrase came from {done.current.origin}: put the new one "
+        f"there (and in the CI secret store, as {which.env}) now; the old one opens nothing",
+    )
+    return EXIT_OK
+
+
 def _status(args: argparse.Namespace, now: datetime, out: TextIO, err: TextIO) -> int:
     rows = engine.status(args.state, now)
     out.write(render.status_json(rows, now) if args.json else render.status_text(rows, now))
@@ -476,6 +506,7 @@ def main(
             "status": lambda: _status(args, now, out, err),
             "export": lambda: _export(args, now, env, out, err),
             "hba": lambda: _hba(args, out, err),
+            "rotate-passphrase": lambda: _rotate(args, now, env, out, err),
         }
         return handlers[args.command]()
     except ReconcilerError as exc:

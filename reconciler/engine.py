@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from reconciler import apply as apply_stage
+from reconciler import layout, ledger, pem, pki, render
 from reconciler import record as record_stage
-from reconciler import render
 from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
-from reconciler.model import CreateCa, Desired, Held, Observed, Plan
+from reconciler.model import CreateCa, Desired, Found, Held, Ledger, Observed, Plan, format_time
 from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
 from reconciler.plan import status as make_status
@@ -165,12 +167,17 @@ def run(
     """
     if push and not commit:
         raise UsageError("--push and --no-commit contradict each other; drop one")
-    store = StateDir(state_dir)
+    with _locked(state_dir, lock_timeout, waiting):
+        return _run_locked(state_dir, now, sources, commit, push, environ, progress)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path, lock_timeout: float, waiting: Callable[[], None]) -> Iterator[None]:
     if not state_dir.is_dir():
         validate(state_dir)  # says what is wrong with the path
     try:
-        with store.locked(lock_timeout, waiting):
-            return _run_locked(state_dir, now, sources, commit, push, environ, progress)
+        with StateDir(state_dir).locked(lock_timeout, waiting):
+            yield
     except LockTimeout:
         raise StateError(
             f"another apply is running on {state_dir} and holds its lock; waited "
@@ -224,3 +231,110 @@ def _run_locked(
         f"gave up after {MAX_PUSH_ATTEMPTS} attempts: {target.ref} kept moving while this job "
         "ran; nothing of these attempts was pushed, so run the job again"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    rewritten: tuple[str, ...]  # the key files this run re-encrypted
+    current: Passphrase  # the one replaced: where it came from is where to replace it
+    secret_file: Path | None  # the .secrets/ file that holds the new one now
+    recorded: record_stage.Recorded | None
+
+
+def _pinned(
+    before: Ledger, files: Mapping[str, bytes], owners: Mapping[str, int], cas: Mapping[int, str]
+) -> Ledger:
+    """before, with the pins of the key files in files made true: cas are the CA key files as
+    layout.ca_keys gives them, owners maps a leaf key file to the serial of its certificate."""
+    sha = {path: pem.file_sha256(data) for path, data in files.items()}
+    pins = {owners[path]: sha[path] for path in sha if path in owners}
+    entries = (
+        replace(e, key_sha256=pins[e.serial]) if e.serial in pins else e for e in before.entries
+    )
+    newest, previous = [*(sha.get(path) for path in cas.values()), None, None][:2]
+    return replace(
+        before,
+        entries=tuple(entries),
+        ca_key_sha256=newest or before.ca_key_sha256,
+        previous_key_sha256=previous or before.previous_key_sha256,
+    )
+
+
+def rotate_passphrase(
+    state_dir: Path,
+    now: datetime,
+    which: Which,
+    sources: SecretSources,
+    *,
+    commit: bool = True,
+    environ: Mapping[str, str] | None = None,
+    waiting: Callable[[], None] = lambda: None,
+) -> Rotation:
+    """Re-encrypt the CA key (which CA) or every leaf key (KEY) under the new passphrase, make
+    the ledger's pins of them true, commit, and only then move .secrets/ on to the new one.
+    Every key is opened before the first write; one the new passphrase opens is kept. Keys go
+    first, in the order apply checks the key passphrase, the ledger last: a run killed at any
+    moment is finished by running it again (docs/state.md#rotating-a-passphrase)."""
+    old = sources.require(which, "rotate-passphrase opens the keys with it")
+    new = sources.require(Which.NEW, "rotate-passphrase re-encrypts them with it")
+    if new.reveal() == old.reveal():
+        raise UsageError(f"the new passphrase is the {which.label} one in use; choose another")
+    ca_pass = old if which is Which.CA else sources.require(Which.CA, "the ledger is signed")
+    with _locked(state_dir, DEFAULT_LOCK_TIMEOUT, waiting):
+        repo = record_stage.find_repo(state_dir, environ) if commit else None
+        if repo is not None:
+            record_stage.clear_stale_locks(repo)
+        snap = snapshot(state_dir)
+        store, before = snap.store, snap.observed.ledger
+        recorded = {(entry.ref, entry.fingerprint): entry.serial for entry in before.entries}
+        leaves = {layout.leaf_key(leaf.ref): leaf for leaf in snap.observed.leaves}
+        cas = layout.ca_keys(snap.observed)
+        files: dict[str, tuple[bytes, bytes, Passphrase]] = {}  # (bytes, under new, opener)
+        owners: dict[str, int] = {}  # leaf key file: the serial of the certificate it is the key of
+        for path in cas.values() if which is Which.CA else leaves:
+            data = store.read(path).data  # one that is no encrypted key is the plan's to judge
+            if pem.key_facts(data).found is not Found.OK:
+                continue
+            for passphrase in (old, new):
+                with contextlib.suppress(ValueError, TypeError):
+                    key = pki.decrypt_key(data, passphrase.reveal())
+                    break
+            else:
+                raise SecretError(
+                    f"{path} opens with neither the current {which.label} passphrase (from "
+                    f"{old.origin}) nor the new one: set the current one right, or restore "
+                    f"{path} from git; nothing was written"
+                )
+            rekeyed = data if passphrase is new else pki.encrypt_key(key, new.reveal())
+            files[path] = (data, rekeyed, passphrase)
+            cert = leaves[path].cert if path in leaves else None
+            serial = recorded.get((leaves[path].ref, cert.fingerprint)) if cert else None
+            if serial is not None:  # the pin may follow the file only if it is the cert's key
+                issued = pki.load_certificates(store.read(layout.leaf_cert(leaves[path].ref)).data)
+                if pki.same_public_key(issued[0].public_key(), key.public_key()):
+                    owners[path] = serial
+        on_disk = _pinned(before, {path: f[0] for path, f in files.items()}, owners, cas)
+        plan = make_plan(snap.desired, replace(snap.observed, ledger=on_disk), now=now)
+        if plan.blockers or any(action.kind == "ca" for action in plan.changes):
+            raise StateError(" ".join(plan.blockers) or "the plan changes the CA: apply it first")
+        signer, *_ = [  # every CA key is proved to be its certificate's; the newest signs
+            apply_stage._unlock_ca(store, files[path][2] if path in files else ca_pass, generation)
+            for generation, path in cas.items()
+        ]
+        rewritten = [path for path, (data, rekeyed, _) in files.items() if rekeyed is not data]
+        for path in rewritten:
+            store.write(path, files[path][1], secret=True)
+        after = _pinned(before, {path: f[1] for path, f in files.items()}, owners, cas)
+        if after != before:
+            store.write(layout.LEDGER, ledger.encode(after, signer.sign))
+        what = "ca: CA" if which is Which.CA else "keys: leaf"
+        message = (
+            f"rotate-passphrase {what} key files re-encrypted under a new {which.label} "
+            f"passphrase\n\nledger.jsonl pins the new files.\n\nRotated-at: {format_time(now)}\n"
+        )
+        changed = [*rewritten, *[layout.LEDGER] * (after != before)]
+        committed = None
+        if repo is not None:
+            committed = record_stage.record(repo, state_dir, changed, lambda *_: message)
+        secret_file = sources.replace(which, old, new)
+    return Rotation(tuple(rewritten), old, secret_file, committed)

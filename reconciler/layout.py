@@ -6,7 +6,7 @@ to the state directory and use "/".
 
 from __future__ import annotations
 
-from reconciler.model import CertKind, LeafRef
+from reconciler.model import CertKind, LeafRef, Observed
 
 USERS_YAML = "users.yaml"
 CA_CERT = "ca/ca.crt"  # generation 1's; ca_cert(generation) for any
@@ -56,6 +56,12 @@ def leaf_cert(ref: LeafRef) -> str:
 
 def leaf_key(ref: LeafRef) -> str:
     return f"{ref.kind.directory}/{ref.name}.key"
+
+
+def ca_keys(observed: Observed) -> dict[int, str]:
+    """Each CA generation's key file, newest first, as the ledger's header pins them (ca_key,
+    then during a CA rotation previous.ca_key)."""
+    return {ca.generation: ca_key(ca.generation) for ca in (observed.ca, observed.previous) if ca}
 
 
 def temp_path(relative: str) -> str:

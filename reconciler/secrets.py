@@ -2,7 +2,7 @@
 
 Sources, first match wins: a --*-passphrase-file flag, the RECONCILER_*_PASSPHRASE variable,
 the RECONCILER_*_PASSPHRASE_FILE variable, then .secrets/ca.pass or .secrets/keys.pass (the
-one-time export passphrase never lives in .secrets/).
+one-time export passphrase and rotate-passphrase's new one never live in .secrets/).
 A passphrase never appears in output, logs, exceptions or process arguments.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from reconciler import layout
 from reconciler.errors import SecretError
+from reconciler.store import atomic_write
 
 MIN_LENGTH = 16
 SECRETS_DIR_MODE = 0o700
@@ -27,6 +28,7 @@ class Which(enum.Enum):
     CA = ("CA", "RECONCILER_CA_PASSPHRASE", "ca.pass", "--ca-passphrase-file")
     KEY = ("key", "RECONCILER_KEY_PASSPHRASE", "keys.pass", "--key-passphrase-file")
     EXPORT = ("export", "RECONCILER_EXPORT_PASSPHRASE", "", "--export-passphrase-file")
+    NEW = ("new", "RECONCILER_NEW_PASSPHRASE", "", "--new-passphrase-file")  # rotate-passphrase
 
     @property
     def label(self) -> str:
@@ -109,12 +111,23 @@ class SecretSources:
         """The configured passphrase; a SecretError saying where to set it when there is none."""
         found = self.find(which)
         if found is None:
+            local = (
+                f", or put it in {self.secrets_dir / which.file_name}" if which.file_name else ""
+            )
             raise SecretError(
                 f"{why}, so the {which.label} passphrase is needed: set {which.env} (or "
-                f"{which.flag} FILE, or put it in {self.secrets_dir / which.file_name}); "
-                "nothing was written"
+                f"{which.flag} FILE{local}); nothing was written"
             )
         return found
+
+    def replace(self, which: Which, current: Passphrase, new: Passphrase) -> Path | None:
+        """Write new over the secrets-directory file that current came from (atomically,
+        0600); None when current came from elsewhere, which only its keeper can replace."""
+        path = self.secrets_dir / which.file_name
+        if not which.file_name or current.origin != str(path):
+            return None
+        atomic_write(path, new.reveal() + b"\n", SECRET_FILE_MODE)
+        return path
 
     def bootstrap(self, which: Which) -> Passphrase:
         """Create a random passphrase in the secrets directory (0700), in a 0600 file."""
