@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from support import CA_PASSPHRASE, at, ledger_of, run, users_yaml
+from support import CA_PASSPHRASE, at, git, ledger_of, run, users_yaml
+
+from reconciler import observe as observe_module
 
 T0 = at("2026-01-01T00:00:00Z")
 DAY = timedelta(days=1)
@@ -222,3 +224,39 @@ def test_a_rotation_needs_the_ca_passphrase_in_place_and_generates_none(state: P
     apply(state, T1)
     for key in ("ca/ca.key", "ca/g2/ca.key"):
         load_pem_private_key((state / key).read_bytes(), CA_PASSPHRASE.encode())
+
+
+def test_a_no_op_during_a_rotation_parses_no_known_certificate(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast no-op keeps working across a rotation: a certificate the signed ledger records
+    is taken from the ledger, whichever CA issued it; only the two CA certificates are read."""
+    write(state, 2)
+    apply(state, T1)
+    apply(state, STAGE_2)  # alice and bob re-issued under generation 2, the old ones superseded
+    parsed: list[bytes] = []
+    real = observe_module.pki.load_certificates
+
+    def counting(data: bytes) -> list[x509.Certificate]:
+        parsed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(observe_module.pki, "load_certificates", counting)
+    assert run(state, "plan", "--detailed-exitcode", now=STAGE_2 + DAY).code == 0
+    assert len(parsed) == 2  # ca/ca.crt and ca/g2/ca.crt
+    assert all(b"BEGIN CERTIFICATE" in data for data in parsed)
+
+
+def test_each_commit_of_a_rotation_names_its_stage(tmp_path: Path, isolated_git: None) -> None:
+    state = tmp_path / "repo" / "state"
+    state.mkdir(parents=True)
+    write(state, 1)
+    git(tmp_path / "repo", "init", "--quiet", "-b", "main")
+    assert run(state, "apply", now=T0).code == 0
+    write(state, 2)
+    assert run(state, "apply", now=T1).code == 0
+    message = git(tmp_path / "repo", "log", "-1", "--format=%B")
+    assert "CA rotation from generation 1 to 2, stage 1 of 3" in message
+    assert "ca: ca.generation raised to 2: create the new CA" in message
+    assert run(state, "apply", now=STAGE_2).code == 0
+    assert "stage 2 of 3" in git(tmp_path / "repo", "log", "-1", "--format=%B")
