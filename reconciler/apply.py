@@ -19,10 +19,12 @@ from cryptography import x509
 from reconciler import layout, ledger, pem, pki
 from reconciler.errors import SecretError, StateError
 from reconciler.model import (
+    Accept,
     Action,
     CertStatus,
     CreateCa,
     Found,
+    LeafRef,
     LeafSpec,
     Ledger,
     LedgerEntry,
@@ -30,11 +32,13 @@ from reconciler.model import (
     Observed,
     Plan,
     Repair,
+    Request,
     RetireCa,
     RetireGeneration,
     Revocation,
     Revoke,
     SignCrl,
+    format_time,
 )
 from reconciler.secrets import Passphrase
 from reconciler.store import StateDir
@@ -101,6 +105,8 @@ def _ledger_changes(
             return (), revoke, ()
         case Repair(adopt=adopt):
             return adopt, (), ()
+        case Accept(supersede=supersede):
+            return (), (), supersede
     return (), (), ()
 
 
@@ -132,13 +138,39 @@ def apply(
     if create is not None:
         signers[create.spec.generation] = _create_ca(create, writer, ca_passphrase)
     issued: list[tuple[str, int]] = []
+    if plan.makes_keys and key_passphrase is not None:
+        _check_key_passphrase(observed, store, key_passphrase)
+    # an accepted certificate's pending key is opened and matched before anything is written
+    accepted = {
+        action.leaf: _pending_key(action, store, key_passphrase)
+        for action in plan.changes
+        if isinstance(action, Accept) and key_passphrase is not None
+    }
     if plan.signs:
-        issued = _sign_and_record(plan, observed, writer, signers, key_passphrase, progress)
+        issued = _sign_and_record(
+            plan, observed, writer, signers, key_passphrase, accepted, progress
+        )
     for action in plan.changes:
         match action:
             case Revoke(leaf=leaf, remove_files=True):
-                writer.remove(layout.leaf_key(leaf))
-                writer.remove(layout.leaf_cert(leaf))
+                for path in (layout.leaf_key(leaf), layout.leaf_cert(leaf)):
+                    writer.remove(path)
+                for path in layout.request_files(leaf):
+                    writer.remove(path)
+            case Accept(leaf=leaf):  # recorded, and its key in place: the request is done
+                writer.remove(layout.pending_key(leaf))
+                writer.remove(layout.leaf_request(leaf))
+            case Request(leaf=leaf, spec=spec):
+                assert key_passphrase is not None
+                key = pki.generate_key(spec.key)
+                secret = pki.encrypt_key(key, key_passphrase.reveal())
+                writer.write(layout.pending_key(leaf), secret, secret=True)
+                header = (
+                    f"Requested: {format_time(plan.now)}\nGeneration: {spec.generation}\n"
+                    f"Commit the signed chain as: {layout.leaf_cert(leaf)}\n"
+                )
+                request = pki.build_request(spec, key)
+                writer.write(layout.leaf_request(leaf), pki.request_pem(request, header))
             case RetireCa(generation=generation):
                 for path_of in (layout.ca_key, layout.ca_cert, layout.crl):
                     writer.remove(path_of(generation))
@@ -156,6 +188,7 @@ def _sign_and_record(
     writer: _Writer,
     signers: dict[int, _Signer],
     key_passphrase: Passphrase | None,
+    accepted: dict[LeafRef, bytes],
     progress: ProgressFactory | None,
 ) -> list[tuple[str, int]]:
     changes = plan.changes
@@ -164,8 +197,6 @@ def _sign_and_record(
     signer = signers[kept[0]]  # the newest CA signs the ledger, which pins every CA kept
     previous = signers[kept[1]] if len(kept) > 1 else None
     new_certificates = [action for action in changes if isinstance(action, NewCertificate)]
-    if new_certificates and key_passphrase is not None:
-        _check_key_passphrase(observed, writer.store, key_passphrase)
 
     adopted = [entry for action in changes for entry in _ledger_changes(action)[0]]
     if adopted:
@@ -193,6 +224,9 @@ def _sign_and_record(
         if bar is not None:
             bar.close()
 
+    for leaf, key_pem in accepted.items():  # before the ledger: a crash here is accepted again
+        writer.write(layout.leaf_key(leaf), key_pem, secret=True)
+    new_entries += [action.entry for action in changes if isinstance(action, Accept)]
     crls = [action for action in changes if isinstance(action, SignCrl)]
     after = _pinned(_ledger_after(observed.ledger, changes, new_entries, crls), signer, previous)
     writer.write(layout.LEDGER, ledger.encode(after, signer.sign))
@@ -209,7 +243,7 @@ def _sign_and_record(
         writer.write(layout.crl(crl.generation), pki.pem(signed))
     return [
         (action.subject, entry.serial)
-        for action, entry in zip(new_certificates, new_entries, strict=True)
+        for action, entry in zip(new_certificates, new_entries, strict=False)
     ]
 
 
@@ -265,6 +299,32 @@ def _unlock_ca(store: StateDir, passphrase: Passphrase, generation: int) -> _Sig
             "written)"
         )
     return _Signer(cert, key, pem.file_sha256(key_read.data))
+
+
+def _pending_key(action: Accept, store: StateDir, passphrase: Passphrase) -> bytes:
+    """The pending key file of an accepted certificate, proved to be that certificate's key."""
+    path = layout.pending_key(action.leaf)
+    key_read, cert_read = store.read(path), store.read(layout.leaf_cert(action.leaf))
+    certs = pki.load_certificates(cert_read.data) if cert_read.found is Found.OK else []
+    if (
+        key_read.found is not Found.OK
+        or not certs
+        or pki.fingerprint(certs[0]) != action.entry.fingerprint
+    ):
+        raise StateError("the state directory changed while planning; run the command again")
+    try:
+        key = pki.decrypt_key(key_read.data, passphrase.reveal())
+    except (ValueError, TypeError):
+        raise SecretError(
+            f"the key passphrase from {passphrase.origin} does not unlock {path}; set the one "
+            "the existing keys use (nothing was written)"
+        ) from None
+    if not pki.same_public_key(key.public_key(), certs[0].public_key()):
+        raise StateError(
+            f"{path} is not the key of {layout.leaf_cert(action.leaf)} although its CSR is: it "
+            f"was replaced; restore it from git (nothing was written)"
+        )
+    return key_read.data
 
 
 def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passphrase) -> None:

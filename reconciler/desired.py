@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import fastjsonschema
 import yaml
 
-from reconciler import layout
+from reconciler import layout, pki
 from reconciler.errors import DesiredStateError
 from reconciler.model import (
     DEFAULT_RENEW_BEFORE,
@@ -39,9 +39,10 @@ from reconciler.model import (
     LeafSpec,
     RenewBefore,
     Subject,
+    TrustRoot,
     describe_duration,
 )
-from reconciler.store import StateDir
+from reconciler.store import FileRead, StateDir
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 NODE_ALLOWANCE = 1000  # values beyond one per byte of the file: only aliases get there
@@ -522,9 +523,15 @@ class _Defaults:
 class _Checker:
     """Checks a schema cannot express, on the parts of the document the schema accepted."""
 
-    def __init__(self, document: dict[str, Any], problems: _Problems) -> None:
+    def __init__(
+        self,
+        document: dict[str, Any],
+        problems: _Problems,
+        read: Callable[[str], FileRead] | None = None,
+    ) -> None:
         self.doc = document
         self.problems = problems
+        self.read = read  # reads a trust file in the state directory; None: not checked
         self.sans: dict[str, DocPath] = {}  # every server's DNS and IP names: whose they are
         self.superusers = frozenset(
             document.get("superusers", DEFAULT_SUPERUSERS)
@@ -607,9 +614,82 @@ class _Checker:
             *self._entries("users", CertKind.CLIENT, defaults),
             *self._entries("servers", CertKind.SERVER, defaults),
         ]
+        trust = self._trust()
+        if not trust and self.read is not None and clean(("trust",)) and clean(("servers",)):
+            for index, entry in enumerate(self.doc.get("servers", [])):
+                if entry.get("issuer") == "external":
+                    self.problems.add(
+                        ("servers", index, "issuer"),
+                        "an external issuer needs the root its certificates chain to: list "
+                        "its PEM file under trust (docs/users-yaml.md#trust)",
+                    )
         if ca is None or crl is None:
             return None
-        return Desired(ca=ca, crl=crl, leaves=tuple(leaves))
+        return Desired(ca=ca, crl=crl, leaves=tuple(leaves), trust=trust)
+
+    def _trust(self) -> tuple[TrustRoot, ...]:
+        """The trust roots, each read through the state directory (never through a link)."""
+        roots: dict[str, TrustRoot] = {}
+        for index, path in enumerate(
+            self.doc.get("trust", []) if self.problems.clean(("trust",)) else []
+        ):
+            where: DocPath = ("trust", index)
+            parts = path.split("/")
+            if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+                self.problems.add(
+                    where,
+                    f"{path!r} must be a plain relative path inside the state directory, "
+                    "such as trust/corp-root.pem (no '..', no leading '/')",
+                )
+            elif (
+                path == layout.USERS_YAML
+                or parts[0] in layout.DIRECTORIES
+                or layout.is_managed(path)
+            ):
+                self.problems.add(
+                    where,
+                    f"{path!r} is a file the reconciler writes or users.yaml itself; keep "
+                    "trust roots in a directory of their own, such as trust/",
+                )
+            elif path in roots:
+                self.problems.add(where, f"{path!r} is listed twice; keep one")
+            elif self.read is not None:
+                root = self._root(path, where, self.read(path))
+                if root is not None:
+                    roots[path] = root
+        return tuple(roots.values())
+
+    def _root(self, path: str, where: DocPath, read: FileRead) -> TrustRoot | None:
+        if read.found is not Found.OK:
+            self.problems.add(
+                where,
+                f"{path} "
+                + (
+                    "does not exist in the state directory; add the root's PEM "
+                    "file there (and commit it)"
+                    if read.found is Found.MISSING
+                    else f"cannot be read ({read.detail}); make it a regular file"
+                ),
+            )
+            return None
+        try:
+            certs = pki.load_certificates(read.data)
+        except ValueError:
+            certs = []
+        if len(certs) != 1:
+            self.problems.add(
+                where, f"{path} is not a PEM file holding one certificate; put one root in it"
+            )
+            return None
+        facts = pki.certificate_facts(certs[0])
+        if not facts.is_ca:
+            self.problems.add(
+                where,
+                f"{path} is not a CA certificate (it lacks basicConstraints CA:TRUE): "
+                "list the root of the chain, not a server's certificate",
+            )
+            return None
+        return TrustRoot(path, read.data, facts.subject, facts.fingerprint, facts.not_after)
 
     def _defaults(self) -> _Defaults:
         checked = self.problems.clean(("defaults",))
@@ -703,6 +783,7 @@ class _Checker:
                     else (),
                     ips=self._ips(entry, path),
                     hba=self._hba(entry, path),
+                    external=entry.get("issuer") == "external",
                 )
             )
         return leaves
@@ -765,15 +846,18 @@ class _Checker:
 # --------------------------------------------------------------------------- entry points
 
 
-def parse_desired(text: str, display: str = "users.yaml") -> Desired:
-    """Validate users.yaml text; raise DesiredStateError listing every problem found."""
+def parse_desired(
+    text: str, display: str = "users.yaml", read: Callable[[str], FileRead] | None = None
+) -> Desired:
+    """Validate users.yaml text; raise DesiredStateError listing every problem found. read
+    reads the trust files (StateDir.read); without it they are not read."""
     text = text.removeprefix("\ufeff")
     _check_characters(text, display)
     root = _compose(text, display)
     problems = _Problems(display, root)
     document = _Builder(problems, len(text) + NODE_ALLOWANCE).build(root, ())
     _schema_problems(document, problems, refused=set(problems.broken))
-    desired = _Checker(document, problems).run() if isinstance(document, dict) else None
+    desired = _Checker(document, problems, read).run() if isinstance(document, dict) else None
     problems.raise_if_any()
     assert desired is not None  # every part it needs was clean
     return desired
@@ -813,4 +897,4 @@ def load_desired(store: StateDir) -> Desired:
         raise DesiredStateError(
             [f"{display}: cannot read it ({read.detail}); it must be a regular file you can read"]
         )
-    return parse_desired(_decode(read.data, display), display)
+    return parse_desired(_decode(read.data, display), display, store.read)

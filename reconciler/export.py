@@ -5,6 +5,7 @@ it, with the key decrypted, re-encrypted under a one-time export passphrase, or 
 libpq:  postgresql.crt, postgresql.key (0600), root.crt; root.crl only with --with-crl
 jdbc:   postgresql.crt, postgresql.pk8 (PKCS#8 DER, 0600), root.crt
 server: server.crt (leaf, then any intermediates), server.key (0600), root.crt, root.crl
+A client's root.crt holds our CA(s) and users.yaml's trust roots; a server's, only our CA(s).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from reconciler import layout, pki
 from reconciler.errors import SecretError, StateError, UsageError
 from reconciler.model import (
+    Accept,
     CertKind,
     Found,
     Held,
@@ -28,8 +30,10 @@ from reconciler.model import (
     Plan,
     Reissue,
     Renew,
+    Request,
     Revoke,
     Standing,
+    Waiting,
     format_time,
 )
 from reconciler.secrets import SecretSources, Which
@@ -70,10 +74,12 @@ def _refusal_and_warnings(
         )
     if isinstance(action, Revoke):
         raise UsageError(f"{ref} left users.yaml and is being revoked; there is nothing to export")
-    if isinstance(action, Issue):
+    if isinstance(action, Issue | Accept) or (
+        isinstance(action, Request | Waiting) and action.replaces is None
+    ):
         raise UsageError(
-            f"{ref} has no usable certificate on disk ({'; '.join(action.reasons)}); "
-            "run `reconciler apply`"
+            f"{ref} has no accepted certificate on disk ({'; '.join(action.reasons)})"
+            + ("" if isinstance(action, Waiting) else "; run `reconciler apply`")
         )
     warnings = []
     expired = next((row for row in rows if row.standing is Standing.EXPIRED), None)
@@ -82,7 +88,7 @@ def _refusal_and_warnings(
             f"{ref} expired on {format_time(expired.not_after)}: PostgreSQL will refuse it; "
             "run `reconciler apply` to renew it"
         )
-    elif isinstance(action, Renew | Reissue):
+    elif isinstance(action, Renew | Reissue | Request):
         warnings.append(
             f"{ref} is due to be replaced ({'; '.join(action.reasons)}); run `reconciler apply`"
         )
@@ -114,14 +120,17 @@ def export(
     warnings = _refusal_and_warnings(plan, status, ref, layout_name)
     # every CA clients and servers trust, newest first: two while a CA rotation overlaps
     paths = [layout.leaf_cert(ref), layout.leaf_key(ref)]
-    paths += [layout.ca_cert(generation) for generation in plan.trusted]
-    paths += [layout.crl(generation) for generation in plan.trusted]
+    # clients verify servers: an external server's root (users.yaml's trust) is in their bundle
+    roots = [layout.ca_cert(g) for g in plan.trusted] + list(
+        plan.trust if kind is CertKind.CLIENT else ()
+    )
+    paths += [*roots, *(layout.crl(generation) for generation in plan.trusted)]
     reads = [store.read(path) for path in paths]
     if any(read.found is not Found.OK for read in reads):
         raise StateError("the state directory changed while exporting; run the command again")
     cert_pem, key_pem = reads[0].data, reads[1].data
-    ca_pem = b"".join(read.data for read in reads[2 : 2 + len(plan.trusted)])
-    crl_pem = b"".join(read.data for read in reads[2 + len(plan.trusted) :])
+    ca_pem = b"".join(read.data.rstrip(b"\n") + b"\n" for read in reads[2 : 2 + len(roots)])
+    crl_pem = b"".join(read.data for read in reads[2 + len(roots) :])
     if not encrypted or export_passphrase is not None:
         why = "the key is exported decrypted or re-encrypted (--encrypted alone keeps it as stored)"
         key_passphrase = sources.require(Which.KEY, why)

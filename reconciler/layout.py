@@ -13,7 +13,8 @@ CA_CERT = "ca/ca.crt"  # generation 1's; ca_cert(generation) for any
 CA_KEY = "ca/ca.key"
 CRL = "ca/crl.pem"
 LEDGER = "ledger.jsonl"
-DIRECTORIES = ("ca", *(kind.directory for kind in CertKind))
+PENDING_DIR = "servers/pending"  # a pending key: never NAME.something.key, which is a name
+DIRECTORIES = ("ca", *(kind.directory for kind in CertKind), PENDING_DIR)
 SECRETS_DIR = ".secrets"  # beside the state directory, never inside it; git-ignored
 
 KEY_MODE = 0o600
@@ -58,6 +59,20 @@ def leaf_key(ref: LeafRef) -> str:
     return f"{ref.kind.directory}/{ref.name}.key"
 
 
+def leaf_request(ref: LeafRef) -> str:
+    """An external server's CSR: NAME.csr (leaf files end in .crt or .key, so no clash)."""
+    return f"{ref.kind.directory}/{ref.name}.csr"
+
+
+def pending_key(ref: LeafRef) -> str:
+    """The key of a CSR while the key in use (leaf_key) keeps serving."""
+    return f"{PENDING_DIR}/{ref.name}.key"
+
+
+def request_files(ref: LeafRef) -> tuple[str, str]:
+    return leaf_request(ref), pending_key(ref)
+
+
 def ca_keys(observed: Observed) -> dict[int, str]:
     """Each CA generation's key file, newest first, as the ledger's header pins them (ca_key,
     then during a CA rotation previous.ca_key)."""
@@ -97,11 +112,14 @@ def is_ca_file(relative: str) -> bool:
 
 
 def is_managed(relative: str) -> bool:
-    """A file apply writes: the CAs' files, the ledger, and leaf certificates and keys."""
+    """A file apply writes: the CAs' files, the ledger, leaf certificates and keys, and an
+    external server's CSR and pending key."""
+    directory, _, name = relative.rpartition("/")
+    request = (directory, name[-4:]) in ((CertKind.SERVER.directory, ".csr"), (PENDING_DIR, ".key"))
     return (
         relative == LEDGER
         or is_ca_file(relative)
-        or (not is_temp(relative) and leaf_of(relative) is not None)
+        or (not is_temp(relative) and (leaf_of(relative) is not None or request))
     )
 
 

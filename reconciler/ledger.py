@@ -52,6 +52,8 @@ def encode_entry(entry: LedgerEntry) -> str:
         record["ips"] = list(entry.ips)
     if entry.ca_generation != 1:
         record["ca_generation"] = entry.ca_generation
+    if entry.issuer is not None:
+        record["issuer"] = entry.issuer
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
@@ -152,6 +154,7 @@ def _entries(lines: list[str]) -> Iterator[LedgerEntry]:
                 dns=tuple(map(str, record.get("dns", ()))),
                 ips=tuple(map(str, record.get("ips", ()))),
                 ca_generation=int(record.get("ca_generation", 1)),
+                issuer=str(record["issuer"]) if "issuer" in record else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc!r}") from None

@@ -139,6 +139,7 @@ class LeafSpec:
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
     hba: tuple[HbaRule, ...] = ()
+    external: bool = False  # issuer: external: another CA signs it, from our CSR
 
     @property
     def ref(self) -> LeafRef:
@@ -155,8 +156,21 @@ class LeafSpec:
             "ips": sorted(self.ips),
             "generation": self.generation,
         }
+        if self.external:  # absent otherwise, so hashes recorded before it stay the same
+            identity["issuer"] = "external"
         encoded = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(encoded).hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrustRoot:
+    """A root users.yaml's trust lists: clients trust it to verify external servers."""
+
+    path: str  # relative to the state directory
+    pem: bytes
+    subject: Subject
+    fingerprint: str
+    not_after: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,6 +178,7 @@ class Desired:
     ca: CASpec
     crl: CRLSpec
     leaves: tuple[LeafSpec, ...]
+    trust: tuple[TrustRoot, ...] = ()
 
 
 # --------------------------------------------------------------------------- observed state
@@ -200,6 +215,9 @@ class CertFacts:
     fingerprint: str  # SHA-256 of the DER encoding, hex
     issuer: int | None  # the generation of our CA whose key signed it; None: none of ours
     is_ca: bool = False
+    public_key: str = ""  # SHA-256 of the SubjectPublicKeyInfo ("": read from the ledger)
+    server_auth: bool = True  # has EKU serverAuth (only checked for external certificates)
+    issuer_dn: Subject = ()
 
     @property
     def signed_by_ca(self) -> bool:
@@ -216,12 +234,29 @@ class KeyFacts:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """A CSR we made for an external server (servers/NAME.csr), with its pending key."""
+
+    subject: Subject
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    key: str
+    public_key: str  # SHA-256 of the SubjectPublicKeyInfo
+    requested: datetime | None  # from the file's header lines
+    generation: int
+    pending_key: KeyFacts  # servers/pending/NAME.key
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ObservedLeaf:
     ref: LeafRef
     cert: CertFacts | None  # None unless found is OK
     found: Found  # of the certificate file
     key: KeyFacts
     detail: str = ""  # why the certificate file is unreadable or unusable
+    chain: bytes = b""  # a server certificate file no CA of ours signed, as it is
+    request: RequestFacts | None = None  # a usable CSR (None: none, or unusable)
+    pending: tuple[str, ...] = ()  # the request files present (CSR, pending key), relative
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -268,6 +303,7 @@ class LedgerEntry:
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
     ca_generation: int = 1  # the CA that signed it
+    issuer: str | None = None  # an external certificate's issuer DN: never on our CRL
 
     @property
     def ref(self) -> LeafRef:
@@ -284,7 +320,7 @@ class LedgerEntry:
             not_before=self.not_before,
             not_after=self.not_after,
             fingerprint=self.fingerprint,
-            issuer=self.ca_generation,
+            issuer=self.ca_generation if self.issuer is None else None,
         )
 
 
@@ -342,6 +378,10 @@ class ActionKind(enum.StrEnum):
     REVOKE = "revoke"
     CRL = "crl"
     REPAIR = "repair"
+    REQUEST = "request"  # a new key and CSR for an external CA
+    ACCEPT = "accept"  # an external CA's signed certificate, checked and recorded
+    TRUST = "trust"  # plan --base: a trust root a pull request adds or changes
+    WAITING = "waiting"  # for a signed certificate: not a change
     NOOP = "noop"
 
 
@@ -479,16 +519,60 @@ class RetireCa:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Repair:
-    """Temporary files an interrupted write left: record any certificate in them, remove them."""
+    """Files an interrupted write left: record any certificate in them, remove them."""
 
     kind: ClassVar[ActionKind] = ActionKind.REPAIR
     remove: tuple[str, ...]  # relative paths
     adopt: tuple[LedgerEntry, ...]
     reasons: tuple[str, ...]
+    what: str = "temporary files"
 
     @property
     def subject(self) -> str:
-        return "temporary files"
+        return self.what
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A new key (servers/pending/NAME.key) and CSR (servers/NAME.csr) for an external CA; the
+    certificate in place, if any, keeps serving until the signed one is accepted."""
+
+    kind: ClassVar[ActionKind] = ActionKind.REQUEST
+    leaf: LeafRef
+    spec: LeafSpec
+    reasons: tuple[str, ...]
+    replaces: int | None = None  # the accepted certificate that serves meanwhile
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Accept:
+    """The committed servers/NAME.crt passed every check: record it, move the pending key to
+    servers/NAME.key, remove the CSR."""
+
+    kind: ClassVar[ActionKind] = ActionKind.ACCEPT
+    leaf: LeafRef
+    entry: LedgerEntry
+    reasons: tuple[str, ...]
+    supersede: tuple[int, ...] = ()
+    replaces: int | None = None
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrustChange:
+    """plan --base: a trust root the pull request adds or changes, which every client's
+    root.crt will trust. Nothing for apply to do: the review is the point."""
+
+    kind: ClassVar[ActionKind] = ActionKind.TRUST
+    subject: str  # the file
+    reasons: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -497,6 +581,13 @@ class Noop:
     subject: str  # "ca", "crl", or a leaf such as "client/pgquartz"
     reasons: tuple[str, ...]
     replaces: int | None = None  # the certificate in place
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Waiting(Noop):
+    """A CSR waits for its signed certificate: nothing for apply to do, and no failure."""
+
+    kind: ClassVar[ActionKind] = ActionKind.WAITING
 
 
 Action = (
@@ -509,6 +600,9 @@ Action = (
     | SignCrl
     | RetireCa
     | Repair
+    | Request
+    | Accept
+    | TrustChange
     | Noop
 )
 
@@ -523,6 +617,7 @@ class Standing(enum.StrEnum):
     REVOKED = "revoked"
     UNUSABLE = "unusable"
     MISSING = "missing"
+    PENDING = "pending"  # no certificate yet: a CSR waits for an external CA's signature
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -547,10 +642,13 @@ class Plan:
     makes_keys: bool = False  # the changes make leaf keys (and so need the key passphrase)
     trusted: tuple[int, ...] = (1,)  # CA generations clients and servers trust, newest first
     rotation: str | None = None  # the stage of a CA rotation, and the date of the next step
+    trust: tuple[str, ...] = ()  # users.yaml's trust roots: client bundles hold them too
 
     @property
     def changes(self) -> tuple[Action, ...]:
-        return tuple(action for action in self.actions if not isinstance(action, Noop))
+        return tuple(
+            action for action in self.actions if not isinstance(action, Noop | TrustChange)
+        )
 
     def counts(self) -> dict[ActionKind, int]:
         counts: dict[ActionKind, int] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from reconciler import layout, ledger, pem, pki
 from reconciler.model import (
@@ -132,13 +133,30 @@ class _Observer:
                 data = cert_read.data
                 entry = known.get(pem.fingerprint(data) or "")
                 if entry is not None and entry.subject is not None and entry.ref == ref:
-                    leaves.append(ObservedLeaf(ref, entry.facts(entry.subject), Found.OK, key))
-                    continue
-                try:
-                    leaves.append(ObservedLeaf(ref, _parse(data, cas), Found.OK, key))
-                except ValueError as exc:
-                    leaves.append(ObservedLeaf(ref, None, Found.UNUSABLE, key, _unusable(exc)))
-        return leaves
+                    leaf = ObservedLeaf(ref, entry.facts(entry.subject), Found.OK, key)
+                else:
+                    try:
+                        leaf = ObservedLeaf(ref, _parse(data, cas), Found.OK, key)
+                    except ValueError as exc:
+                        leaf = ObservedLeaf(ref, None, Found.UNUSABLE, key, _unusable(exc))
+                if leaf.cert is not None and not leaf.cert.signed_by_ca:
+                    leaf = dataclasses.replace(leaf, chain=data)
+                leaves.append(leaf)
+        return [self.request(leaf) if leaf.ref.kind is CertKind.SERVER else leaf for leaf in leaves]
+
+    def request(self, leaf: ObservedLeaf) -> ObservedLeaf:
+        """An external server's CSR and pending key, when there are any."""
+        csr_path, key_path = layout.request_files(leaf.ref)
+        csr, key = self.read(csr_path), self.read(key_path, key=True)
+        reads = ((csr_path, csr), (key_path, key))
+        present = tuple(path for path, read in reads if read.found is not Found.MISSING)
+        if csr.found is not Found.OK:
+            return dataclasses.replace(leaf, pending=present)
+        try:
+            request = pki.request_facts(csr.data, _key(key))
+        except (ValueError, UnsupportedAlgorithm):
+            request = None  # an unusable CSR is made again
+        return dataclasses.replace(leaf, request=request, pending=present)
 
     def crl(self, generation: int, ca_cert: x509.Certificate | None) -> ObservedCRL:
         read = self.read(layout.crl(generation))

@@ -14,14 +14,18 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from reconciler.model import (
     CASpec,
     CertFacts,
     CertKind,
+    KeyFacts,
     KeyType,
     LeafSpec,
+    RequestFacts,
     Revocation,
     RevocationReason,
     Subject,
@@ -234,10 +238,85 @@ def build_leaf_certificate(
         )
     )
     if spec.kind is CertKind.SERVER:
-        names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in spec.dns]
-        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(_alt_names(spec), critical=False)
     return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+def _alt_names(spec: LeafSpec) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in spec.dns]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]
+    return x509.SubjectAlternativeName(names)
+
+
+def build_request(spec: LeafSpec, key: PrivateKey) -> x509.CertificateSigningRequest:
+    """An external server's CSR: CN = name and the entry's subject, SANs = name + dns + ip,
+    and the server certificate's keyUsage and EKU serverAuth requested."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name(spec.subject))
+        .add_extension(_alt_names(spec), critical=False)
+        .add_extension(
+            _key_usage(digital_signature=True, key_encipherment=spec.key.is_rsa), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, _signing_hash(key))
+    )
+
+
+def request_facts(data: bytes, pending_key: KeyFacts) -> RequestFacts:
+    """What a CSR file says; its header lines ("Requested: TIME", "Generation: N") say when
+    and for which generation apply made it. ValueError when it is no valid CSR."""
+    request = x509.load_pem_x509_csr(data)
+    if not request.is_signature_valid:
+        raise ValueError("its signature does not verify")
+    header = dict(
+        line.split(": ", 1) for line in data.decode("ascii", "replace").splitlines() if ": " in line
+    )
+    try:
+        alt = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        alt = x509.SubjectAlternativeName([])
+    return RequestFacts(
+        subject=subject_of(request.subject),
+        dns=tuple(alt.get_values_for_type(x509.DNSName)),
+        ips=tuple(str(ip) for ip in alt.get_values_for_type(x509.IPAddress)),
+        key=describe_key(request.public_key()),
+        public_key=public_key_sha256(request.public_key()),
+        requested=datetime.fromisoformat(header["Requested"]) if "Requested" in header else None,
+        generation=int(header.get("Generation", "1")),
+        pending_key=pending_key,
+    )
+
+
+def request_pem(request: x509.CertificateSigningRequest, header: str) -> bytes:
+    return header.encode() + request.public_bytes(serialization.Encoding.PEM)
+
+
+def verify_server_chain(
+    data: bytes, roots: Sequence[bytes], host: str, now: datetime
+) -> tuple[list[Subject], str | None]:
+    """Verify a chain file (leaf, then intermediates) for host to one of roots at now, with
+    cryptography's verifier (chain building, EKU serverAuth, the Web PKI profile). The
+    subjects of the issuers from the leaf's up, and None; or as the file lists them, and why
+    it does not verify."""
+    certs = load_certificates(data)
+    issuers = [subject_of(cert.issuer) for cert in certs[:1]] + [
+        subject_of(cert.subject) for cert in certs[1:]
+    ]
+    if not roots:
+        return issuers, "users.yaml lists no trust root"
+    store = verification.Store([cert for pem in roots for cert in load_certificates(pem)])
+    verifier = (
+        verification.PolicyBuilder()
+        .store(store)
+        .time(now)
+        .build_server_verifier(x509.DNSName(host))
+    )
+    try:
+        chain = verifier.verify(certs[0], certs[1:])
+    except verification.VerificationError as exc:
+        return issuers, str(exc)
+    return [subject_of(cert.subject) for cert in chain[1:]], None
 
 
 def build_crl(
@@ -326,6 +405,13 @@ def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     return True
 
 
+def public_key_sha256(key: CertificatePublicKeyTypes) -> str:
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER encoding, hex: how the ledger names a certificate."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -338,7 +424,7 @@ def certificate_facts(
     of generation and CA certificate) whose key signed it."""
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
-    is_ca = False
+    is_ca = server_auth = False
     for extension in cert.extensions:
         value = extension.value
         if isinstance(value, x509.SubjectAlternativeName):
@@ -346,15 +432,21 @@ def certificate_facts(
             ips = tuple(str(ip) for ip in value.get_values_for_type(x509.IPAddress))
         elif isinstance(value, x509.BasicConstraints):
             is_ca = value.ca
+        elif isinstance(value, x509.ExtendedKeyUsage):
+            server_auth = ExtendedKeyUsageOID.SERVER_AUTH in value
+    public_key = cert.public_key()
     return CertFacts(
         serial=cert.serial_number,
         subject=subject_of(cert.subject),
         dns=dns,
         ips=ips,
-        key=describe_key(cert.public_key()),
+        key=describe_key(public_key),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         fingerprint=fingerprint(cert),
         issuer=next((generation for generation, ca in cas if issued_by(cert, ca)), None),
         is_ca=is_ca,
+        public_key=public_key_sha256(public_key),
+        server_auth=server_auth,
+        issuer_dn=subject_of(cert.issuer),
     )

@@ -13,9 +13,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from reconciler import layout
+from reconciler import layout, pki
 from reconciler.model import (
     DEFAULT_RENEW_BEFORE,
+    Accept,
     Action,
     CertFacts,
     CertStatus,
@@ -25,6 +26,7 @@ from reconciler.model import (
     Held,
     Issuance,
     Issue,
+    KeyFacts,
     LeafRef,
     LeafSpec,
     LedgerEntry,
@@ -38,6 +40,8 @@ from reconciler.model import (
     Reissue,
     Renew,
     Repair,
+    Request,
+    RequestFacts,
     RetireCa,
     RetireGeneration,
     Revocation,
@@ -46,6 +50,8 @@ from reconciler.model import (
     SignCrl,
     Standing,
     Subject,
+    TrustChange,
+    Waiting,
     crl_name,
     describe_duration,
     format_serial,
@@ -80,8 +86,9 @@ def _serials(revocations: Iterable[Revocation]) -> str:
 
 
 def _live(entry: LedgerEntry, now: datetime) -> bool:
-    """Not revoked and not yet expired: a certificate someone could still use."""
-    return entry.status is not CertStatus.REVOKED and entry.not_after > now
+    """Not revoked and not yet expired: a certificate of ours someone could still use (one
+    from an external CA is not ours to revoke)."""
+    return entry.status is not CertStatus.REVOKED and entry.not_after > now and not entry.issuer
 
 
 def _unreadable(path: str, detail: str) -> str:
@@ -448,14 +455,15 @@ def _cannot_keep(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
         reasons.append("private key stored unencrypted")
     elif leaf.key.found is not Found.OK:
         reasons.append(f"private key file {leaf.key.found}: {leaf.key.detail}")
-    if ctx.new_ca or not cert.signed_by_ca:
+    entry = ctx.by_serial.get(cert.serial)
+    external = entry is not None and entry.issuer is not None and cert.issuer is None
+    if (ctx.new_ca or not cert.signed_by_ca) and not external:
         reasons.append("not signed by the current CA")
     if cert.not_before > ctx.now:
         reasons.append(
             f"not valid before {format_time(cert.not_before)} (the clock went back, or an "
             "apply ran with a later --now)"
         )
-    entry = ctx.by_serial.get(cert.serial)
     if entry is None:
         reasons.append(f"serial {_short(cert.serial)} is not in the ledger")
     elif entry.fingerprint != cert.fingerprint:
@@ -474,10 +482,15 @@ def _cannot_keep(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
     return reasons
 
 
-def _spec_changes(spec: LeafSpec, cert: CertFacts, entry: LedgerEntry) -> list[str]:
-    """Reasons to re-issue: what the certificate says is not what users.yaml asks."""
+def _spec_changes(
+    spec: LeafSpec, cert: CertFacts | RequestFacts, generation: int, *, subject: bool = True
+) -> list[str]:
+    """Reasons to re-issue (or request again): what the certificate or CSR says is not what
+    users.yaml asks. subject False: only its CN counts (an external CA may set the rest)."""
     reasons = []
-    if cert.subject != spec.subject:
+    if not subject and dict(cert.subject).get("CN") != spec.name:
+        reasons.append(f"CN is {dict(cert.subject).get('CN')}, users.yaml asks for {spec.name}")
+    if subject and cert.subject != spec.subject:
         reasons.append(f"subject changed: {_dn(cert.subject)} → {_dn(spec.subject)}")
     if cert.key != spec.key:
         reasons.append(f"key type changed: {cert.key} → {spec.key}")
@@ -490,10 +503,10 @@ def _spec_changes(spec: LeafSpec, cert: CertFacts, entry: LedgerEntry) -> list[s
             f"IP addresses changed: {', '.join(cert.ips) or 'none'} → "
             f"{', '.join(spec.ips) or 'none'}"
         )
-    if entry.generation != spec.generation:
+    if generation != spec.generation:
         reasons.append(
-            f"generation changed from {entry.generation} to {spec.generation}: "
-            "new key, and the old certificate is revoked"
+            f"generation changed from {generation} to {spec.generation}: new key"
+            + ("" if spec.external else ", and the old certificate is revoked")
         )
     return reasons
 
@@ -542,8 +555,10 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
         )
     assert current is not None
     entry = ctx.by_serial[current.serial]
-    changes = _spec_changes(spec, current, entry)
-    if current.issuer == ctx.reissue_from:
+    changes = _spec_changes(spec, current, entry.generation)
+    if entry.issuer is not None:
+        changes.append("issuer changed from external to ca: issue one of our own")
+    elif ctx.reissue_from is not None and current.issuer == ctx.reissue_from:
         changes.append(f"CA rotation: re-issue under the generation {ctx.issuing} CA")
     if changes:
         issuance, notes = ctx.issuance(spec)
@@ -608,6 +623,8 @@ def _plan_removal(ctx: _Context, ref: LeafRef, leaf: ObservedLeaf | None) -> Act
         reasons.append(f"revoke {_serials(revoke)}")
     if leaf is not None:
         reasons.append("delete its key and certificate")
+    if any(e.issuer and e.not_after > ctx.now for e in ctx.entries.get(ref, ())):
+        reasons.append("its certificate from another CA is still valid: ask that CA to revoke it")
     current = leaf.cert if leaf is not None else None
     return Revoke(
         leaf=ref,
@@ -617,6 +634,125 @@ def _plan_removal(ctx: _Context, ref: LeafRef, leaf: ObservedLeaf | None) -> Act
         replaces=current.serial if current is not None else None,
         adopt=adopt,
     )
+
+
+# --------------------------------------------------------------------------- external issuer
+
+
+def _describe_chain(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf) -> tuple[str, str | None]:
+    """What a reviewer checks of a chain file from another CA (subject, issuer chain, SHA-256,
+    notAfter), and why it does not verify to a trust root at now (None: it does)."""
+    assert leaf.cert is not None
+    roots = [root.pem for root in ctx.desired.trust]
+    issuers, error = pki.verify_server_chain(leaf.chain, roots, spec.name, ctx.now)
+    chain = " ← ".join(_dn(subject) for subject in issuers)
+    return (
+        f"{_dn(leaf.cert.subject)}, issued by {chain}; SHA-256 {leaf.cert.fingerprint}; "
+        f"not after {format_time(leaf.cert.not_after)}"
+    ), error
+
+
+def _refusals(
+    ctx: _Context, spec: LeafSpec, cert: CertFacts, request: RequestFacts, error: str | None
+) -> list[str]:
+    """Why a committed certificate cannot be accepted for the pending request, in the order
+    of the checks: key, names, time, usage, serial, chain."""
+    reasons = []
+    if cert.public_key != request.public_key:
+        reasons.append(f"its key is not the pending key ({layout.pending_key(spec.ref)})")
+    if dict(cert.subject).get("CN") != spec.name:
+        reasons.append(f"its CN is not {spec.name}")
+    wanted, named = {*spec.dns, *spec.ips}, {*(dns.lower() for dns in cert.dns), *cert.ips}
+    if wanted - named:
+        reasons.append(f"it lacks the SAN {', '.join(sorted(wanted - named))}")
+    if named - wanted:
+        reasons.append(f"it names {', '.join(sorted(named - wanted))}, which users.yaml does not")
+    if cert.not_before > ctx.now:
+        reasons.append(f"not valid before {format_time(cert.not_before)}")
+    if cert.not_after <= ctx.now:
+        reasons.append(f"expired on {format_time(cert.not_after)}")
+    if not cert.server_auth:
+        reasons.append("it lacks EKU serverAuth")
+    if cert.serial in ctx.by_serial:
+        reasons.append(f"serial {_short(cert.serial)} is in the ledger already")
+    if error is not None:
+        reasons.append(f"its chain does not verify to a trust root: {error}")
+    return reasons
+
+
+def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> list[Action]:
+    """A server another CA signs (DESIGN.md, "Server certificates signed by another CA"): a
+    key and CSR out, the signed chain in, checked before it is accepted. The certificate in
+    place serves until a replacement is accepted; a refusal is the server's, never a blocker."""
+    ref = spec.ref
+    leaf = leaf or ObservedLeaf(ref, None, Found.MISSING, KeyFacts(Found.MISSING))
+    cert, request = leaf.cert, leaf.request
+    problems = _cannot_keep(ctx, leaf)
+    entry = ctx.by_serial[cert.serial] if cert is not None and not problems else None
+    if request is not None and (
+        request.pending_key.found is not Found.OK
+        or (entry is not None and request.pending_key.sha256 == entry.key_sha256)
+    ):
+        request = None  # half a request, or the one whose certificate is in place already
+    stale = _spec_changes(spec, request, request.generation) if request is not None else []
+    since = request.requested if request is not None else None
+    waiting = (
+        f"waiting for the signed certificate (requested {format_time(since) if since else '-'}):"
+        f" have {layout.leaf_request(ref)} signed and commit the chain (leaf first, then "
+        f"intermediates) as {layout.leaf_cert(ref)}"
+    )
+    if cert is not None and entry is not None:
+        reasons = _spec_changes(spec, cert, entry.generation, subject=entry.issuer is None)
+        if entry.issuer is None:
+            reasons.append("issuer changed to external: request a certificate from that CA")
+        elif cert.not_after > ctx.now and (error := _describe_chain(ctx, spec, leaf)[1]):
+            reasons.append(f"its chain no longer verifies to a trust root: {error}")
+        window = renewal_window(spec, cert)
+        if ctx.now >= cert.not_after - window:
+            reasons.append(
+                f"expires {format_time(cert.not_after)}, inside the {describe_duration(window)} "
+                "renewal window"
+            )
+        if not reasons:
+            valid = (
+                f"valid until {_day(cert.not_after)}; renews from {_day(cert.not_after - window)}"
+            )
+            kept: list[Action] = [Noop(str(ref), (valid,), cert.serial)]
+            if leaf.pending:
+                why = f"{', '.join(leaf.pending)}: no request is pending, remove"
+                kept.append(Repair(leaf.pending, (), (why,), what=str(ref)))
+            return kept
+        serves = "the certificate in place serves until the signed one is accepted"
+        if request is not None and not stale:
+            return [Waiting(str(ref), (*reasons, waiting, serves), cert.serial)]
+        return [Request(ref, spec, (*reasons, *stale, f"new key and CSR; {serves}"), cert.serial)]
+    if request is None or stale:
+        return [Request(ref, spec, (*problems, *stale, "make a key and CSR for the external CA"))]
+    if cert is None or not leaf.chain:
+        return [Waiting(str(ref), (*problems[:1], waiting))]
+    description, error = _describe_chain(ctx, spec, leaf)
+    refusals = _refusals(ctx, spec, cert, request, error)
+    if refusals:
+        refused = f"{layout.leaf_cert(ref)} refused: {'; '.join(refusals)} ({description})"
+        return [Waiting(str(ref), (refused, waiting))]
+    accepted = LedgerEntry(
+        serial=cert.serial,
+        kind=ref.kind,
+        name=ref.name,
+        not_before=cert.not_before,
+        not_after=cert.not_after,
+        key=cert.key,
+        spec=spec.spec_hash(),
+        generation=spec.generation,
+        fingerprint=cert.fingerprint,
+        key_sha256=request.pending_key.sha256 or "",
+        subject=cert.subject,
+        dns=cert.dns,
+        ips=cert.ips,
+        issuer=_dn(cert.issuer_dn),
+    )
+    supersede = tuple(e.serial for e in ctx.entries.get(ref, ()) if e.status is CertStatus.VALID)
+    return [Accept(ref, accepted, (f"signed certificate: {description}",), supersede)]
 
 
 # --------------------------------------------------------------------------- repairs, CRL
@@ -757,11 +893,17 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
     ctx = _Context(desired, observed, now)
     for path, detail in observed.unreadable:
         ctx.block(_unreadable(path, detail))
+    actions: list[Action] = []
     for path, how in observed.changed_from_base:
-        ctx.block(
-            f"{path}: {how}, compared with {observed.base}; only users.yaml may change in a "
-            "pull request (everything else is written by apply, after the merge)"
-        )
+        allowed = _allowed_from_base(ctx, path, how)
+        if allowed is None:
+            ctx.block(
+                f"{path}: {how}, compared with {observed.base}; only users.yaml may change in a "
+                "pull request (everything else is written by apply, after the merge), but for "
+                "the signed certificate of a server whose CSR is pending and the trust roots"
+            )
+        elif isinstance(allowed, TrustChange):
+            actions.append(allowed)
     ledger = observed.ledger
     if ledger.found is Found.UNREADABLE:
         ctx.block(_unreadable(layout.LEDGER, ledger.detail))
@@ -779,7 +921,7 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
             f"ledger.jsonl is unusable ({ledger.detail}): restore it from git "
             "(git checkout -- ledger.jsonl); it is the record of every serial"
         )
-    actions: list[Action] = [_plan_ca(ctx), *_plan_rotation(ctx)]
+    actions[:0] = [_plan_ca(ctx), *_plan_rotation(ctx)]
     leaves = {leaf.ref: leaf for leaf in observed.leaves}
     specs = ctx.specs
     removed = {ref for ref in leaves if ref not in specs} | {
@@ -794,9 +936,14 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
             ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
             actions.append(Noop(str(ref), ("blocked: see below",)))
             continue
-        actions.append(
-            _plan_leaf(ctx, ref, spec, leaf) if spec is not None else _plan_removal(ctx, ref, leaf)
-        )
+        if spec is not None and spec.external:
+            actions += _plan_external(ctx, spec, leaf)
+        else:
+            actions.append(
+                _plan_leaf(ctx, ref, spec, leaf)
+                if spec is not None
+                else _plan_removal(ctx, ref, leaf)
+            )
     actions += [_plan_crl(ctx, actions, generation) for generation in ctx.trusted]
     temp_files = _plan_temp_files(ctx)
     if temp_files is not None:
@@ -824,11 +971,37 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         actions=tuple(actions),
         blockers=tuple(ctx.blockers),
         modes=modes,
-        signs=any(not isinstance(a, Repair) or a.adopt for a in changes),
-        makes_keys=any(isinstance(a, NewCertificate) for a in changes),
+        signs=any(
+            a.adopt if isinstance(a, Repair) else not isinstance(a, Request) for a in changes
+        ),
+        makes_keys=any(isinstance(a, NewCertificate | Request | Accept) for a in changes),
         trusted=tuple(ctx.trusted),
         rotation=ctx.rotation,
+        trust=tuple(root.path for root in desired.trust),
     )
+
+
+def _allowed_from_base(ctx: _Context, path: str, how: str) -> TrustChange | bool | None:
+    """What plan --base lets a pull request change besides users.yaml (a file, added or
+    changed): the signed certificate of a server whose CSR is pending and unchanged (True; its
+    action shows it), and a trust root (a TrustChange that shows it). None: refused."""
+    if how not in ("changed", "added (a file)", "added (a file, not committed)"):
+        return None
+    root = next((root for root in ctx.desired.trust if root.path == path), None)
+    if root is not None:
+        return TrustChange(
+            path,
+            (
+                f"{how} in this pull request: every client's root.crt will trust servers "
+                f"certified by {_dn(root.subject)} (SHA-256 {root.fingerprint}, valid until "
+                f"{_day(root.not_after)})",
+            ),
+        )
+    leaf = next((leaf for leaf in ctx.observed.leaves if layout.leaf_cert(leaf.ref) == path), None)
+    spec = ctx.specs.get(leaf.ref) if leaf is not None else None
+    changed = {changed for changed, _ in ctx.observed.changed_from_base}
+    pending = leaf is not None and leaf.request is not None and not changed & set(leaf.pending)
+    return True if pending and spec is not None and spec.external else None
 
 
 # --------------------------------------------------------------------------- status rows
@@ -898,9 +1071,17 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
     on_disk = set()
     for leaf in observed.leaves:
         kind, name = str(leaf.ref.kind), leaf.ref.name
+        request = leaf.request
+        requested = (
+            f"a CSR waits for its signed certificate since {format_time(request.requested)}"
+            if request and request.requested
+            else ""
+        )
         if leaf.cert is None:
             standing = Standing.MISSING if leaf.found is Found.MISSING else Standing.UNUSABLE
             detail = f"certificate {leaf.found}" + (f": {leaf.detail}" if leaf.detail else "")
+            if requested and leaf.found is Found.MISSING:
+                standing, detail = Standing.PENDING, requested
             rows.append(Held(kind, name, None, None, standing, detail))
             continue
         cert = leaf.cert
@@ -916,11 +1097,22 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             now,
         )
         entry = by_serial.get(cert.serial)
+        external = entry is not None and entry.issuer is not None
+        if (
+            requested
+            and request is not None
+            and entry
+            and request.pending_key.sha256 != entry.key_sha256
+        ):
+            row = dataclasses.replace(row, detail=f"renewal: {requested}")
         if leaf.key.found is not Found.OK:
             row = dataclasses.replace(
                 row, standing=Standing.UNUSABLE, detail=f"key {leaf.key.found}"
             )
-        elif not cert.signed_by_ca:
+        elif leaf.chain and not external:
+            detail = "from another CA, not accepted: `reconciler plan` says why"
+            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail)
+        elif not cert.signed_by_ca and not external:
             row = dataclasses.replace(
                 row, standing=Standing.UNUSABLE, detail="not signed by the current CA"
             )

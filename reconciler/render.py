@@ -9,14 +9,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reconciler.model import (
+    Accept,
     Action,
     ActionKind,
     Held,
     NewCertificate,
     Noop,
     Plan,
+    Request,
     RetireGeneration,
     Revoke,
+    Waiting,
     format_serial,
     format_time,
 )
@@ -29,6 +32,10 @@ _PLAN_WORDS = {
     ActionKind.REVOKE: "to revoke",
     ActionKind.CRL: "CRL to sign",
     ActionKind.REPAIR: "to repair",
+    ActionKind.REQUEST: "CSR to make",
+    ActionKind.ACCEPT: "to accept",
+    ActionKind.WAITING: "waiting for a signed certificate",
+    ActionKind.TRUST: "trust root to review",
 }
 _DONE_WORDS = {
     ActionKind.CA: "CA created",
@@ -38,6 +45,8 @@ _DONE_WORDS = {
     ActionKind.REVOKE: "revoked",
     ActionKind.CRL: "CRL refreshed",
     ActionKind.REPAIR: "repaired",
+    ActionKind.REQUEST: "CSR made",
+    ActionKind.ACCEPT: "accepted",
 }
 
 
@@ -81,8 +90,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _in_place(action: Action) -> int | None:
     """The serial of the certificate an action is about (the one in place now)."""
     match action:
-        case NewCertificate(replaces=serial) | Revoke(replaces=serial):
+        case NewCertificate(replaces=serial) | Revoke(replaces=serial) | Request(replaces=serial):
             return serial
+        case Accept(entry=entry):
+            return entry.serial
         case RetireGeneration(replaces=serial) | Noop(replaces=serial):
             return serial
     return None
@@ -170,8 +181,8 @@ def plan_markdown(plan: Plan) -> str:
         lines += [f"**{_md(plan.rotation)}.**", ""]
     for blocker in plan.blockers:
         lines += [f"> **Blocked:** {_md(blocker)}", ""]
-    changes = plan.changes
-    unchanged = [a for a in plan.actions if isinstance(a, Noop)]
+    changes = [a for a in plan.actions if not isinstance(a, Noop) or isinstance(a, Waiting)]
+    unchanged = [a for a in plan.actions if isinstance(a, Noop) and a not in changes]
     if changes:
         lines += ["| Action | Subject | Serial | Reasons |", "|---|---|---|---|"]
         lines += [

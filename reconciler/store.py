@@ -209,6 +209,11 @@ class StateDir:
         listing = Listing()
         names: dict[CertKind, set[str]] = {kind: set() for kind in CertKind}
         leaf_dirs = {kind.directory: names[kind] for kind in CertKind}
+        leaf_dirs[layout.PENDING_DIR] = names[CertKind.SERVER]  # pending keys (layout.pending_key)
+        suffixes = {
+            CertKind.SERVER.directory: (".crt", ".key", ".csr"),
+            layout.PENDING_DIR: (".key",),
+        }
         try:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -220,6 +225,7 @@ class StateDir:
             if relative_dir in layout.DIRECTORIES or generation is not None:
                 listing.dir_modes[relative_dir] = stat.S_IMODE(os.fstat(fd).st_mode)
             leaves = leaf_dirs.get(relative_dir)
+            leaf_suffixes = suffixes.get(relative_dir, (".crt", ".key"))
             try:
                 with os.scandir(fd) as found:
                     entries = list(found)
@@ -241,7 +247,7 @@ class StateDir:
                     listing.unreadable.append((relative, f"it is {what}"))
                 elif layout.is_temp(name):
                     listing.temp_files.append(relative)
-                elif leaves is not None and name.endswith((".crt", ".key")) and name[0] != ".":
+                elif leaves is not None and name.endswith(leaf_suffixes) and name[0] != ".":
                     leaves.add(name[:-4])
                 elif generation is not None and layout.is_ca_file(relative):
                     listing.ca_generations.add(generation)

@@ -583,7 +583,7 @@ def test_crlf_line_endings_keep_line_numbers() -> None:
     text = "version: 1\r\nca: {subject: {CN: x}}\r\n\r\nbogus: 1\r\n"
     assert _problems(text) == [
         "users.yaml:4: bogus: unknown key 'bogus'; "
-        "allowed here: ca, crl, defaults, servers, superusers, users, version"
+        "allowed here: ca, crl, defaults, servers, superusers, trust, users, version"
     ]
 
 
