@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from support import CA_PASSPHRASE, at, git, ledger_of, run, users_yaml
 
-from reconciler import observe as observe_module
+from reconciler import pki
 
 T0 = at("2026-01-01T00:00:00Z")
 DAY = timedelta(days=1)
@@ -235,13 +235,13 @@ def test_a_no_op_during_a_rotation_parses_no_known_certificate(
     apply(state, T1)
     apply(state, STAGE_2)  # alice and bob re-issued under generation 2, the old ones superseded
     parsed: list[bytes] = []
-    real = observe_module.pki.load_certificates
+    real = pki.load_certificates
 
     def counting(data: bytes) -> list[x509.Certificate]:
         parsed.append(data)
         return real(data)
 
-    monkeypatch.setattr(observe_module.pki, "load_certificates", counting)
+    monkeypatch.setattr(pki, "load_certificates", counting)
     assert run(state, "plan", "--detailed-exitcode", now=STAGE_2 + DAY).code == 0
     assert len(parsed) == 2  # ca/ca.crt and ca/g2/ca.crt
     assert all(b"BEGIN CERTIFICATE" in data for data in parsed)
