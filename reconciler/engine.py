@@ -288,10 +288,14 @@ def rotate_passphrase(
         store, before = snap.store, snap.observed.ledger
         recorded = {(entry.ref, entry.fingerprint): entry.serial for entry in before.entries}
         leaves = {layout.leaf_key(leaf.ref): leaf for leaf in snap.observed.leaves}
+        # an external server's pending key too: nothing pins it until its certificate arrives
+        pending = [
+            path for leaf in snap.observed.leaves for path in leaf.pending if path.endswith(".key")
+        ]
         cas = layout.ca_keys(snap.observed)
         files: dict[str, tuple[bytes, bytes, Passphrase]] = {}  # (bytes, under new, opener)
         owners: dict[str, int] = {}  # leaf key file: the serial of the certificate it is the key of
-        for path in cas.values() if which is Which.CA else leaves:
+        for path in cas.values() if which is Which.CA else [*leaves, *pending]:
             data = store.read(path).data  # one that is no encrypted key is the plan's to judge
             if pem.key_facts(data).found is not Found.OK:
                 continue

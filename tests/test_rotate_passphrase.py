@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from support import (
 )
 
 from reconciler import pki
+from reconciler.model import CASpec, KeyType
 from reconciler.pem import file_sha256
 
 T0 = at("2027-01-01T00:00:00Z")
@@ -394,3 +396,29 @@ def test_a_rotation_killed_at_any_moment_is_finished_by_running_it_again(
     done = subprocess.run([*command, "apply"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Nothing to do" in done.stdout
+
+
+def test_keys_covers_the_pending_key_of_an_external_server(tmp_path: Path) -> None:
+    """A CSR made before a key passphrase rotation is still accepted after it: its pending key
+    is re-encrypted with the others."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    external = SERVERS.replace("\n", "\n    issuer: external\n", 1)
+    root_key = pki.generate_key(KeyType.ECDSA_P256)
+    spec = CASpec((("CN", "Corp Root"),), KeyType.ECDSA_P256, timedelta(days=3650))
+    root = pki.build_ca_certificate(
+        spec, root_key, serial=1, not_before=T0 - timedelta(days=1), not_after=T0 + spec.validity
+    )
+    (directory / "trust").mkdir()
+    (directory / "trust" / "corp.pem").write_bytes(pki.pem(root))
+    text = users_yaml(USERS, external) + "trust:\n  - trust/corp.pem\n"
+    (directory / "users.yaml").write_text(text)
+    assert run(directory, "apply", "--no-commit", now=T0).code == 0
+    pending = directory / "servers" / "pending" / "db1.example.com.key"
+    assert opens(pending, KEY_PASSPHRASE)
+    code, _, err = rotate(
+        directory, "keys", {**SECRETS, "RECONCILER_NEW_PASSPHRASE": NEW}, "--no-commit"
+    )
+    assert code == 0, err
+    assert opens(pending, NEW)
+    assert not opens(pending, KEY_PASSPHRASE)
