@@ -143,12 +143,13 @@ class _Context:
 
 def _unfinished_first_apply(observed: Observed) -> bool:
     """A first apply writes the CA, then at once an empty ledger, before it signs anything: a
-    CA with no ledger, no CRL and no certificate was interrupted there, and is finished."""
+    CA with no ledger, no CRL and no certificate (not even in a temporary file: one of the
+    ledger's own is no certificate) was interrupted there, and is finished."""
     return (
         observed.ledger.found is Found.MISSING
         and observed.crl.found is Found.MISSING
         and not observed.leaves
-        and not observed.temp_files
+        and all(temp.ref is None for temp in observed.temp_files)
     )
 
 

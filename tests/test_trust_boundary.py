@@ -427,10 +427,29 @@ def test_a_first_apply_killed_after_the_ca_converges(tmp_path: Path) -> None:
     env = {**os.environ, **SECRETS}
     argv = [sys.executable, "-m", "reconciler", "--state", str(state), "--now", iso(T0)]
     _kill_when([*argv, "apply", "--no-commit"], env, state / "ca" / "ca.crt")
+    # killed once ca.crt is there: at once, or (the kill takes a moment to land) a few files
+    # later; either way the next apply must finish what the first began
     assert (state / "ca" / "ca.crt").exists()
-    assert not (state / "clients").exists()
     result = run(state, "apply", "--no-commit", now=T0)
     assert result.code == 0, result.err
+    assert not run(state, "plan", "--detailed-exitcode", now=T0, environ={}).code
+
+
+def test_a_first_apply_killed_while_writing_its_first_ledger_converges(tmp_path: Path) -> None:
+    """The moment the test above hits now and then: the CA is written, and the empty ledger is
+    still in its temporary file. That file is no certificate: the next apply finishes."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "users.yaml").write_text(users_yaml(USERS))
+    assert run(state, "apply", "--no-commit", now=T0).code == 0
+    half = (state / "ledger.jsonl").read_bytes()[:40]
+    for path in (state / "ledger.jsonl", state / "ca" / "crl.pem"):
+        path.unlink()
+    shutil.rmtree(state / "clients")
+    (state / ".ledger.jsonl.tmp").write_bytes(half)
+    result = run(state, "apply", "--no-commit", now=T0)
+    assert result.code == 0, result.err
+    assert not (state / ".ledger.jsonl.tmp").exists()
     assert not run(state, "plan", "--detailed-exitcode", now=T0, environ={}).code
 
 
