@@ -39,12 +39,15 @@ from reconciler.model import (
     Renew,
     RenewBefore,
     Repair,
+    Request,
+    RequestFacts,
     RetireGeneration,
     RevocationReason,
     Revoke,
     SignCrl,
     Standing,
     TempFile,
+    Waiting,
 )
 from reconciler.model import Issue as IssueAction
 from reconciler.plan import BACKDATE, plan, status
@@ -619,3 +622,72 @@ def test_status_lists_superseded_and_revoked_certificates_still_out_there() -> N
 def test_plan_refuses_a_naive_now() -> None:
     with pytest.raises(ValueError, match="aware datetime"):
         plan(*_steady(), now=NOW.replace(tzinfo=None))
+
+
+# --------------------------------------------------------------------------- external issuer
+
+EXT = spec("ext.example.com", CertKind.SERVER, external=True)
+
+
+def request(leaf: LeafSpec, *, dns: tuple[str, ...] | None = None) -> RequestFacts:
+    return RequestFacts(
+        subject=leaf.subject,
+        dns=leaf.dns if dns is None else dns,
+        ips=leaf.ips,
+        key=leaf.key.value,
+        public_key="pending-spki",
+        requested=NOW - 2 * DAY,
+        generation=leaf.generation,
+        pending_key=KeyFacts(Found.OK, "pending-key"),
+    )
+
+
+def external_action(observed_leaf: ObservedLeaf | None, *, now: datetime = NOW) -> list[object]:
+    desired, observed = world(desired=(EXT,))
+    if observed_leaf is not None:
+        observed = dataclasses.replace(observed, leaves=(observed_leaf,))
+    planned = plan(desired, observed, now=now)
+    assert not planned.blockers
+    return [a for a in planned.actions if a.subject == str(EXT.ref)]
+
+
+def test_external_server_without_anything_gets_a_key_and_csr() -> None:
+    (action,) = external_action(None)
+    assert isinstance(action, Request)
+    assert "make a key and CSR for the external CA" in action.reasons
+
+
+def test_a_pending_csr_waits_and_is_no_change_and_no_failure() -> None:
+    pending = ObservedLeaf(
+        EXT.ref, None, Found.MISSING, KeyFacts(Found.MISSING), request=request(EXT)
+    )
+    (action,) = external_action(pending)
+    assert isinstance(action, Waiting)
+    waiting = "waiting for the signed certificate (requested 2026-12-30T00:00:00Z)"
+    assert any(reason.startswith(waiting) for reason in action.reasons)
+    desired, observed = world(desired=(EXT,), leaves=(pending,))
+    assert action not in plan(desired, observed, now=NOW).changes
+
+
+def test_a_csr_for_other_names_is_made_again() -> None:
+    stale = request(EXT, dns=("old.example.com",))
+    pending = ObservedLeaf(EXT.ref, None, Found.MISSING, KeyFacts(Found.MISSING), request=stale)
+    (action,) = external_action(pending)
+    assert isinstance(action, Request)
+    assert any("DNS names changed" in reason for reason in action.reasons)
+
+
+def test_removing_an_external_server_revokes_nothing_of_ours() -> None:
+    cert = dataclasses.replace(issued(EXT, 77), issuer=None)
+    accepted = dataclasses.replace(entry(EXT, cert), issuer="CN=Corp Intermediate")
+    desired, observed = world(desired=())
+    observed = dataclasses.replace(
+        observed,
+        leaves=(on_disk(EXT, cert),),
+        ledger=dataclasses.replace(observed.ledger, entries=(accepted,)),
+    )
+    planned = plan(desired, observed, now=NOW)
+    (action,) = [a for a in planned.actions if a.subject == str(EXT.ref)]
+    assert isinstance(action, Revoke)
+    assert action.revoke == ()  # another CA's certificate is not ours to put on our CRL
+    assert "ask that CA to revoke it" in "; ".join(action.reasons)
