@@ -945,6 +945,9 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
                 if spec is not None
                 else _plan_removal(ctx, ref, leaf)
             )
+            if leaf is not None and leaf.pending:  # no longer issuer: external, or gone
+                why = f"{', '.join(leaf.pending)}: no request is pending, remove"
+                actions.append(Repair(leaf.pending, (), (why,), what=str(ref)))
     actions += [_plan_crl(ctx, actions, generation) for generation in ctx.trusted]
     temp_files = _plan_temp_files(ctx)
     if temp_files is not None:

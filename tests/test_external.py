@@ -443,3 +443,15 @@ def test_plan_base_lets_a_pull_request_commit_the_signed_chain_and_trust_roots(
         assert blocked.code == 1, blocked.out
         assert f"{path}: " in blocked.out
         git(work, "reset", "--quiet", "--hard", "HEAD~1")
+
+
+def test_back_to_our_ca_issues_ours_and_removes_the_request(pending: tuple[Path, Path]) -> None:
+    state, _ = pending
+    (state / "users.yaml").write_text(USERS.replace("    issuer: external\n", ""))
+    planned = run(state, "plan", environ={})
+    assert "no request is pending, remove" in planned.out, planned.out
+    assert run(state, "apply", "--no-commit").code == 0
+    assert not (state / CSR).exists()
+    assert not (state / PENDING).exists()
+    assert (state / CRT).exists()
+    assert run(state, "plan", "--detailed-exitcode", environ={}).code == 0
