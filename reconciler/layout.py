@@ -9,9 +9,6 @@ from __future__ import annotations
 from reconciler.model import CertKind, LeafRef, Observed
 
 USERS_YAML = "users.yaml"
-CA_CERT = "ca/ca.crt"  # generation 1's; ca_cert(generation) for any
-CA_KEY = "ca/ca.key"
-CRL = "ca/crl.pem"
 LEDGER = "ledger.jsonl"
 PENDING_DIR = "servers/pending"  # a pending key: never NAME.something.key, which is a name
 DIRECTORIES = ("ca", *(kind.directory for kind in CertKind), PENDING_DIR)

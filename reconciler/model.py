@@ -413,7 +413,18 @@ class CreateCa:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class NewCertificate:
+class LeafAction:
+    """What every action about one client or server certificate shares: the name."""
+
+    leaf: LeafRef
+
+    @property
+    def subject(self) -> str:
+        return str(self.leaf)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewCertificate(LeafAction):
     """A new key and certificate for a name users.yaml lists (Issue, Reissue or Renew).
 
     replaces is the serial of the certificate on disk, if any; supersede and revoke are what
@@ -421,17 +432,12 @@ class NewCertificate:
     apply left on disk without a ledger entry."""
 
     kind: ClassVar[ActionKind]
-    leaf: LeafRef
     issuance: Issuance
     reasons: tuple[str, ...]
     replaces: int | None = None
     supersede: tuple[int, ...] = ()
     revoke: tuple[Revocation, ...] = ()
     adopt: tuple[LedgerEntry, ...] = ()
-
-    @property
-    def subject(self) -> str:
-        return str(self.leaf)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -456,36 +462,26 @@ class Renew(NewCertificate):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Revoke:
+class Revoke(LeafAction):
     """The name left users.yaml: revoke every still-valid certificate, delete its files."""
 
     kind: ClassVar[ActionKind] = ActionKind.REVOKE
-    leaf: LeafRef
     revoke: tuple[Revocation, ...]
     remove_files: bool
     reasons: tuple[str, ...]
     replaces: int | None = None  # the certificate on disk, if any
     adopt: tuple[LedgerEntry, ...] = ()
 
-    @property
-    def subject(self) -> str:
-        return str(self.leaf)
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RetireGeneration:
+class RetireGeneration(LeafAction):
     """The name stays, but certificates of an older generation are still valid (a generation
     bump that an interrupted apply did not finish): revoke them, keep the current one."""
 
     kind: ClassVar[ActionKind] = ActionKind.REVOKE
-    leaf: LeafRef
     revoke: tuple[Revocation, ...]
     reasons: tuple[str, ...]
     replaces: int | None = None  # the certificate on disk, which stays
-
-    @property
-    def subject(self) -> str:
-        return str(self.leaf)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -533,36 +529,25 @@ class Repair:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Request:
+class Request(LeafAction):
     """A new key (servers/pending/NAME.key) and CSR (servers/NAME.csr) for an external CA; the
     certificate in place, if any, keeps serving until the signed one is accepted."""
 
     kind: ClassVar[ActionKind] = ActionKind.REQUEST
-    leaf: LeafRef
     spec: LeafSpec
     reasons: tuple[str, ...]
     replaces: int | None = None  # the accepted certificate that serves meanwhile
 
-    @property
-    def subject(self) -> str:
-        return str(self.leaf)
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Accept:
+class Accept(LeafAction):
     """The committed servers/NAME.crt passed every check: record it, move the pending key to
     servers/NAME.key, remove the CSR."""
 
     kind: ClassVar[ActionKind] = ActionKind.ACCEPT
-    leaf: LeafRef
     entry: LedgerEntry
     reasons: tuple[str, ...]
     supersede: tuple[int, ...] = ()
-    replaces: int | None = None
-
-    @property
-    def subject(self) -> str:
-        return str(self.leaf)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

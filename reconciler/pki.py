@@ -78,9 +78,7 @@ def generate_key_der(key_type: str) -> bytes:
 
 def load_key_der(der: bytes) -> PrivateKey:
     key = serialization.load_der_private_key(der, password=None)
-    if not isinstance(
-        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise TypeError(f"unsupported key type {type(key).__name__}")
     return key
 
@@ -115,9 +113,7 @@ def decrypt_key(pem: bytes, passphrase: bytes) -> PrivateKey:
     key = serialization.load_pem_private_key(
         pem, password=passphrase, unsafe_skip_rsa_key_validation=True
     )
-    if not isinstance(
-        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise ValueError(f"unsupported key type {type(key).__name__}")
     return key
 
@@ -130,9 +126,7 @@ def unencrypted_key_pem(key: PrivateKey) -> bytes:
 
 def same_public_key(a: object, b: object) -> bool:
     def der(key: object) -> bytes:
-        assert isinstance(
-            key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-        )
+        assert isinstance(key, PublicKey)
         return key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )

@@ -417,7 +417,9 @@ def _unrecorded(ctx: _Context, cert: CertFacts | None) -> bool:
     )
 
 
-def _adopted(cert: CertFacts, ref: LeafRef, key_sha256: str, status: CertStatus) -> LedgerEntry:
+def _entry_for(cert: CertFacts, ref: LeafRef, key_sha256: str, status: CertStatus) -> LedgerEntry:
+    """What the ledger records of cert as ref's from the certificate alone (an adopted one's
+    spec is unknown, its generation 0)."""
     return LedgerEntry(
         serial=cert.serial,
         kind=ref.kind,
@@ -440,7 +442,7 @@ def _adopted(cert: CertFacts, ref: LeafRef, key_sha256: str, status: CertStatus)
 def _adoptable(ctx: _Context, leaf: ObservedLeaf | None) -> tuple[LedgerEntry, ...]:
     if leaf is None or leaf.cert is None or not _unrecorded(ctx, leaf.cert):
         return ()
-    return (_adopted(leaf.cert, leaf.ref, leaf.key.sha256 or "", CertStatus.VALID),)
+    return (_entry_for(leaf.cert, leaf.ref, leaf.key.sha256 or "", CertStatus.VALID),)
 
 
 def _cannot_keep(ctx: _Context, leaf: ObservedLeaf | None) -> list[str]:
@@ -736,20 +738,11 @@ def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> 
     if refusals:
         refused = f"{layout.leaf_cert(ref)} refused: {'; '.join(refusals)} ({description})"
         return [Waiting(str(ref), (refused, waiting))]
-    accepted = LedgerEntry(
-        serial=cert.serial,
-        kind=ref.kind,
-        name=ref.name,
-        not_before=cert.not_before,
-        not_after=cert.not_after,
-        key=cert.key,
+    accepted = dataclasses.replace(
+        _entry_for(cert, ref, request.pending_key.sha256 or "", CertStatus.VALID),
         spec=spec.spec_hash(),
         generation=spec.generation,
-        fingerprint=cert.fingerprint,
-        key_sha256=request.pending_key.sha256 or "",
-        subject=cert.subject,
-        dns=cert.dns,
-        ips=cert.ips,
+        ca_generation=1,  # none of ours signed it: issuer names who did
         issuer=_dn(cert.issuer_dn),
     )
     supersede = tuple(e.serial for e in ctx.entries.get(ref, ()) if e.status is CertStatus.VALID)
@@ -770,7 +763,7 @@ def _plan_temp_files(ctx: _Context) -> Repair | None:
     adopt = []
     for temp in temps:
         if temp.ref is not None and temp.cert is not None and _unrecorded(ctx, temp.cert):
-            adopt.append(_adopted(temp.cert, temp.ref, "", CertStatus.SUPERSEDED))
+            adopt.append(_entry_for(temp.cert, temp.ref, "", CertStatus.SUPERSEDED))
             reasons.append(f"{temp.path} holds serial {_short(temp.cert.serial)}: record it")
     return Repair(
         remove=tuple(temp.path for temp in temps), adopt=tuple(adopt), reasons=tuple(reasons)
@@ -1109,24 +1102,21 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
             and request.pending_key.sha256 != entry.key_sha256
         ):
             row = dataclasses.replace(row, detail=f"renewal: {requested}")
+        unusable = None
         if leaf.key.found is not Found.OK:
-            row = dataclasses.replace(
-                row, standing=Standing.UNUSABLE, detail=f"key {leaf.key.found}"
-            )
+            unusable = f"key {leaf.key.found}"
         elif leaf.chain and not external:
-            detail = "from another CA, not accepted: `reconciler plan` says why"
-            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail)
+            unusable = "from another CA, not accepted: `reconciler plan` says why"
         elif not cert.signed_by_ca and not external:
-            row = dataclasses.replace(
-                row, standing=Standing.UNUSABLE, detail="not signed by the current CA"
-            )
+            unusable = "not signed by the current CA"
         elif cert.not_before > now:
-            detail = f"not valid before {format_time(cert.not_before)}"
-            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail=detail)
+            unusable = f"not valid before {format_time(cert.not_before)}"
         elif entry is None or entry.fingerprint != cert.fingerprint:
-            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail="not in the ledger")
+            unusable = "not in the ledger"
         elif entry.status is CertStatus.REVOKED:
             row = dataclasses.replace(row, standing=Standing.REVOKED)
+        if unusable is not None:
+            row = dataclasses.replace(row, standing=Standing.UNUSABLE, detail=unusable)
         rows.append(row)
     for entry in observed.ledger.entries:
         if entry.serial in on_disk or entry.not_after <= now or entry.status is CertStatus.VALID:
