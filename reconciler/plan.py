@@ -80,8 +80,8 @@ def _short(serial: int) -> str:
     return format_serial(serial)[:12]
 
 
-def _serials(revocations: Iterable[Revocation]) -> str:
-    listed = [_short(r.serial) for r in revocations]
+def _serials(serials: Iterable[int]) -> str:
+    listed = [_short(serial) for serial in serials]
     return f"serial{'s' if len(listed) > 1 else ''} {', '.join(listed)}"
 
 
@@ -124,6 +124,11 @@ class _Context:
     def block(self, problem: str) -> None:
         if problem not in self.blockers:
             self.blockers.append(problem)
+
+    def blocked(self, name: str, problem: str) -> Noop:
+        """Block on problem; name's action, which waits until it is solved."""
+        self.block(problem)
+        return Noop(name, ("blocked: see below",))
 
     def issuance(self, spec: LeafSpec) -> tuple[Issuance, tuple[str, ...]]:
         """What to issue for spec now, and a note when the CA's expiry shortens it."""
@@ -174,47 +179,41 @@ def _create_ca(ctx: _Context, why: str, *, rotation: bool = False) -> CreateCa:
 def _plan_ca(ctx: _Context) -> Action:
     ca, spec, ledger = ctx.observed.ca, ctx.desired.ca, ctx.observed.ledger
     cert_path, key_path = layout.ca_cert(ca.generation), layout.ca_key(ca.generation)
-    blocked = Noop("ca", ("blocked: see below",))
     for path, facts in ((cert_path, ca), (key_path, ca.key)):
         if facts.found is Found.UNREADABLE:
-            ctx.block(_unreadable(path, facts.detail))
-            return blocked
+            return ctx.blocked("ca", _unreadable(path, facts.detail))
     # A first apply writes ca.key, ca.crt, the certificates, the ledger, then the CRL: with no
     # ledger and no CRL, half a CA can only be an interrupted first apply, and nothing it signed
     # was recorded or handed out.
     first_run = ledger.found is Found.MISSING and ctx.observed.crl.found is Found.MISSING
-    key_missing = ca.key.found is Found.MISSING
-    if ca.found is Found.MISSING:
+    cert_missing, key_missing = ca.found is Found.MISSING, ca.key.found is Found.MISSING
+    if first_run and cert_missing != key_missing:
+        kept, lost = (key_path, cert_path) if cert_missing else (cert_path, key_path)
+        return _create_ca(
+            ctx, f"an interrupted first apply left {kept} without {lost}: create the CA"
+        )
+    if cert_missing:
         live = [entry for entry in ledger.entries if _live(entry, ctx.now)]
         if key_missing and not live:
             return _create_ca(ctx, "no CA yet: create one")
-        if not key_missing and first_run:
-            return _create_ca(
-                ctx,
-                f"an interrupted first apply left {key_path} without {cert_path}: create the CA",
-            )
         if not key_missing:
-            ctx.block(
+            return ctx.blocked(
+                "ca",
                 f"{key_path} exists but {cert_path} does not: restore {cert_path} from git "
-                f"(git checkout -- {cert_path}), or move ca.key away to start a new CA"
+                f"(git checkout -- {cert_path}), or move ca.key away to start a new CA",
             )
-        else:
-            ctx.block(
-                f"{cert_path} is missing but the ledger holds {len(live)} certificates "
-                f"that are still valid: restore {layout.ca_dir(ca.generation)}/ in the state "
-                "directory from git; a new CA could not revoke them"
-            )
-        return blocked
-    if key_missing and first_run:
-        return _create_ca(
-            ctx, f"an interrupted first apply left {cert_path} without {key_path}: create the CA"
+        return ctx.blocked(
+            "ca",
+            f"{cert_path} is missing but the ledger holds {len(live)} certificates "
+            f"that are still valid: restore {layout.ca_dir(ca.generation)}/ in the state "
+            "directory from git; a new CA could not revoke them",
         )
     if ca.cert is None or ca.found is not Found.OK:
-        ctx.block(
+        return ctx.blocked(
+            "ca",
             f"{cert_path} is unusable ({ca.detail}): restore it from git; the tool never "
-            "replaces a CA on its own, since that would orphan every certificate"
+            "replaces a CA on its own, since that would orphan every certificate",
         )
-        return blocked
     previous = ctx.observed.previous
     if (
         previous is not None
@@ -326,12 +325,8 @@ def _plan_rotation(ctx: _Context) -> list[Action]:
     CA without an outage"): (1) a new CA, both trusted, the old one still issuing; (2) after
     ca.overlap, every certificate re-issued under the new one; (3) after another overlap, the
     old CA leaves the bundles."""
-    spec, ca, previous, ledger = (
-        ctx.desired.ca,
-        ctx.observed.ca,
-        ctx.observed.previous,
-        ctx.observed.ledger,
-    )
+    spec, ledger = ctx.desired.ca, ctx.observed.ledger
+    ca, previous = ctx.observed.ca, ctx.observed.previous
     if ca.cert is None or ctx.new_ca or ctx.blockers:
         return []
     wanted, current = spec.generation, ca.generation
@@ -514,8 +509,20 @@ def _spec_changes(
     return reasons
 
 
-def renewal_window(spec: LeafSpec, cert: CertFacts) -> timedelta:
-    return spec.renew_before.window(cert.not_after - cert.not_before)
+def _renewal(spec: LeafSpec, cert: CertFacts, now: datetime) -> tuple[bool, str]:
+    """Whether cert is due for renewal at now (inside its renewal window, or expired), and
+    its standing in words: when it renews, or why it is due."""
+    window = spec.renew_before.window(cert.not_after - cert.not_before)
+    renew_from = cert.not_after - window
+    if now < renew_from:
+        return False, f"valid until {_day(cert.not_after)}; renews from {_day(renew_from)}"
+    if now >= cert.not_after:
+        return True, f"expired on {format_time(cert.not_after)}"
+    share = "" if spec.renew_before.duration else f" ({spec.renew_before.describe()})"
+    return True, (
+        f"expires {_day(cert.not_after)}, inside the {describe_duration(window)} "
+        f"renewal window{share}"
+    )
 
 
 def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
@@ -534,18 +541,14 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
         elif e.status is CertStatus.VALID:
             valid.append(e.serial)
     old_generation, supersede = tuple(old), tuple(valid)
-    old_reason = (
-        (
-            f"generation is {spec.generation}: revoke the older generation's "
-            f"{_serials(old_generation)}",
-        )
-        if old_generation
-        else ()
-    )
+    old_reason: tuple[str, ...] = ()
+    if old_generation:
+        serials = _serials(r.serial for r in old_generation)
+        old_reason = (f"generation is {spec.generation}: revoke the older generation's {serials}",)
 
+    issuance, notes = ctx.issuance(spec)  # whichever action issues, this is what it issues
     problems = _cannot_keep(ctx, leaf)
     if problems:
-        issuance, notes = ctx.issuance(spec)
         adopt = _adoptable(ctx, leaf)
         return Issue(
             leaf=ref,
@@ -564,7 +567,6 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
     elif ctx.reissue_from is not None and current.issuer == ctx.reissue_from:
         changes.append(f"CA rotation: re-issue under the generation {ctx.issuing} CA")
     if changes:
-        issuance, notes = ctx.issuance(spec)
         revoke = old_generation
         if entry.generation != spec.generation:  # the bump revokes every live certificate
             revoke = tuple(
@@ -582,33 +584,20 @@ def _plan_leaf(ctx: _Context, ref: LeafRef, spec: LeafSpec, leaf: ObservedLeaf |
             revoke=revoke,
         )
 
-    window = renewal_window(spec, current)
-    renew_from = current.not_after - window
-    if ctx.now < renew_from:
-        reasons: tuple[str, ...] = (
-            f"valid until {_day(current.not_after)}; renews from {_day(renew_from)}",
-        )
-    else:
-        if ctx.now >= current.not_after:
-            why = f"expired on {format_time(current.not_after)}"
-        else:
-            share = "" if spec.renew_before.duration else f" ({spec.renew_before.describe()})"
-            why = (
-                f"expires {_day(current.not_after)}, inside the {describe_duration(window)} "
-                f"renewal window{share}"
-            )
-        issuance, notes = ctx.issuance(spec)
+    due, standing = _renewal(spec, current, ctx.now)
+    reasons: tuple[str, ...] = (standing,)
+    if due:
         if issuance.not_after > current.not_after:
             return Renew(
                 leaf=ref,
                 issuance=issuance,
-                reasons=(why, *old_reason, *notes),
+                reasons=(standing, *old_reason, *notes),
                 replaces=serial,
                 supersede=supersede,
                 revoke=old_generation,
             )
         reasons = (
-            why,
+            standing,
             "not renewed: a new certificate would not outlive this one, because the CA "
             f"expires first; replace the CA ({DOCS_CA})",
         )
@@ -623,7 +612,7 @@ def _plan_removal(ctx: _Context, ref: LeafRef, leaf: ObservedLeaf | None) -> Act
     revoke = tuple(ctx.revocation(e.serial, RevocationReason.CESSATION_OF_OPERATION) for e in live)
     reasons = ["no longer in users.yaml"]
     if revoke:
-        reasons.append(f"revoke {_serials(revoke)}")
+        reasons.append(f"revoke {_serials(r.serial for r in revoke)}")
     if leaf is not None:
         reasons.append("delete its key and certificate")
     if any(e.issuer and e.not_after > ctx.now for e in ctx.entries.get(ref, ())):
@@ -683,7 +672,7 @@ def _refusals(
     return reasons
 
 
-def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> list[Action]:
+def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> Action:
     """A server another CA signs (DESIGN.md, "Server certificates signed by another CA"): a
     key and CSR out, the signed chain in, checked before it is accepted. The certificate in
     place serves until a replacement is accepted; a refusal is the server's, never a blocker."""
@@ -710,34 +699,24 @@ def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> 
             reasons.append("issuer changed to external: request a certificate from that CA")
         elif cert.not_after > ctx.now and (error := _describe_chain(ctx, spec, leaf)[1]):
             reasons.append(f"its chain no longer verifies to a trust root: {error}")
-        window = renewal_window(spec, cert)
-        if ctx.now >= cert.not_after - window:
-            reasons.append(
-                f"expires {format_time(cert.not_after)}, inside the {describe_duration(window)} "
-                "renewal window"
-            )
+        due, standing = _renewal(spec, cert, ctx.now)
+        if due:
+            reasons.append(standing)
         if not reasons:
-            valid = (
-                f"valid until {_day(cert.not_after)}; renews from {_day(cert.not_after - window)}"
-            )
-            kept: list[Action] = [Noop(str(ref), (valid,), cert.serial)]
-            if leaf.pending:
-                why = f"{', '.join(leaf.pending)}: no request is pending, remove"
-                kept.append(Repair(leaf.pending, (), (why,), what=str(ref)))
-            return kept
+            return Noop(str(ref), (standing,), cert.serial)
         serves = "the certificate in place serves until the signed one is accepted"
         if request is not None and not stale:
-            return [Waiting(str(ref), (*reasons, waiting, serves), cert.serial)]
-        return [Request(ref, spec, (*reasons, *stale, f"new key and CSR; {serves}"), cert.serial)]
+            return Waiting(str(ref), (*reasons, waiting, serves), cert.serial)
+        return Request(ref, spec, (*reasons, *stale, f"new key and CSR; {serves}"), cert.serial)
     if request is None or stale:
-        return [Request(ref, spec, (*problems, *stale, "make a key and CSR for the external CA"))]
+        return Request(ref, spec, (*problems, *stale, "make a key and CSR for the external CA"))
     if cert is None or not leaf.chain:
-        return [Waiting(str(ref), (*problems[:1], waiting))]
+        return Waiting(str(ref), (*problems[:1], waiting))
     description, error = _describe_chain(ctx, spec, leaf)
     refusals = _refusals(ctx, spec, cert, request, error)
     if refusals:
         refused = f"{layout.leaf_cert(ref)} refused: {'; '.join(refusals)} ({description})"
-        return [Waiting(str(ref), (refused, waiting))]
+        return Waiting(str(ref), (refused, waiting))
     accepted = dataclasses.replace(
         _entry_for(cert, ref, request.pending_key.sha256 or "", CertStatus.VALID),
         spec=spec.spec_hash(),
@@ -746,16 +725,16 @@ def _plan_external(ctx: _Context, spec: LeafSpec, leaf: ObservedLeaf | None) -> 
         issuer=_dn(cert.issuer_dn),
     )
     supersede = tuple(e.serial for e in ctx.entries.get(ref, ()) if e.status is CertStatus.VALID)
-    return [Accept(ref, accepted, (f"signed certificate: {description}",), supersede)]
+    return Accept(ref, accepted, (f"signed certificate: {description}",), supersede)
 
 
 # --------------------------------------------------------------------------- repairs, CRL
 
 
-def _plan_temp_files(ctx: _Context) -> Repair | None:
+def _plan_temp_files(ctx: _Context) -> list[Action]:
     temps = ctx.observed.temp_files
     if not temps:
-        return None
+        return []
     reasons = [
         f"{len(temps)} temporary file{'s' if len(temps) > 1 else ''} left by an interrupted "
         "write: remove them"
@@ -765,9 +744,8 @@ def _plan_temp_files(ctx: _Context) -> Repair | None:
         if temp.ref is not None and temp.cert is not None and _unrecorded(ctx, temp.cert):
             adopt.append(_entry_for(temp.cert, temp.ref, "", CertStatus.SUPERSEDED))
             reasons.append(f"{temp.path} holds serial {_short(temp.cert.serial)}: record it")
-    return Repair(
-        remove=tuple(temp.path for temp in temps), adopt=tuple(adopt), reasons=tuple(reasons)
-    )
+    remove = tuple(temp.path for temp in temps)
+    return [Repair(remove=remove, adopt=tuple(adopt), reasons=tuple(reasons))]
 
 
 def _still_revoked(ctx: _Context, generation: int, crl: ObservedCRL) -> dict[int, Revocation]:
@@ -790,19 +768,21 @@ def _still_revoked(ctx: _Context, generation: int, crl: ObservedCRL) -> dict[int
     return revoked
 
 
+def _crl_of(observed: Observed, generation: int) -> ObservedCRL:
+    """The CRL in place of a CA generation (missing for a CA this apply creates)."""
+    if generation == observed.ca.generation:
+        return observed.crl
+    if observed.previous is not None and generation == observed.previous.generation:
+        return observed.previous_crl or ObservedCRL(Found.MISSING)
+    return ObservedCRL(Found.MISSING)
+
+
 def _plan_crl(ctx: _Context, actions: list[Action], generation: int) -> Action:
     """The CRL of one trusted CA generation: carried on, refreshed, or signed anew."""
-    observed, spec, name = ctx.observed, ctx.desired.crl, crl_name(generation)
-    if generation == observed.ca.generation:
-        crl = observed.crl
-    elif observed.previous is not None and generation == observed.previous.generation:
-        crl = observed.previous_crl or ObservedCRL(Found.MISSING)
-    else:
-        crl = ObservedCRL(Found.MISSING)  # a CA this apply creates
-    path = layout.crl(generation)
+    spec, name, path = ctx.desired.crl, crl_name(generation), layout.crl(generation)
+    crl = _crl_of(ctx.observed, generation)
     if crl.found is Found.UNREADABLE:
-        ctx.block(_unreadable(path, crl.detail))
-        return Noop(name, ("blocked: see below",))
+        return ctx.blocked(name, _unreadable(path, crl.detail))
     if crl.number is not None and ctx.observed.ledger.crl_number < crl.number:
         ctx.block(
             f"ledger.jsonl is older than {path} (it knows CRL number "
@@ -854,10 +834,7 @@ def _plan_crl(ctx: _Context, actions: list[Action], generation: int) -> Action:
             )
         missing = sorted(set(revoked) - crl.serials)
         if missing:
-            reasons.append(
-                f"CRL does not list revoked serial{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(_short(s) for s in missing)}"
-            )
+            reasons.append(f"CRL does not list revoked {_serials(missing)}")
     if not reasons:
         assert crl.next_update is not None
         return Noop(
@@ -927,24 +904,22 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
         spec, leaf = specs.get(ref), leaves.get(ref)
         if leaf is not None and Found.UNREADABLE in (leaf.found, leaf.key.found):
             bad = layout.leaf_cert(ref) if leaf.found is Found.UNREADABLE else layout.leaf_key(ref)
-            ctx.block(_unreadable(bad, leaf.detail or leaf.key.detail))
-            actions.append(Noop(str(ref), ("blocked: see below",)))
+            actions.append(ctx.blocked(str(ref), _unreadable(bad, leaf.detail or leaf.key.detail)))
             continue
-        if spec is not None and spec.external:
-            actions += _plan_external(ctx, spec, leaf)
+        if spec is None:
+            action = _plan_removal(ctx, ref, leaf)
+        elif spec.external:
+            action = _plan_external(ctx, spec, leaf)
         else:
-            actions.append(
-                _plan_leaf(ctx, ref, spec, leaf)
-                if spec is not None
-                else _plan_removal(ctx, ref, leaf)
-            )
-            if leaf is not None and leaf.pending:  # no longer issuer: external, or gone
-                why = f"{', '.join(leaf.pending)}: no request is pending, remove"
-                actions.append(Repair(leaf.pending, (), (why,), what=str(ref)))
+            action = _plan_leaf(ctx, ref, spec, leaf)
+        actions.append(action)
+        # request files that no Request replaces and no Waiting or Accept uses: the server is
+        # gone or no longer external, or its certificate in place needs no new one
+        if leaf is not None and leaf.pending and not isinstance(action, Request | Waiting | Accept):
+            why = f"{', '.join(leaf.pending)}: no request is pending, remove"
+            actions.append(Repair(leaf.pending, (), (why,), what=str(ref)))
     actions += [_plan_crl(ctx, actions, generation) for generation in ctx.trusted]
-    temp_files = _plan_temp_files(ctx)
-    if temp_files is not None:
-        actions.append(temp_files)
+    actions += _plan_temp_files(ctx)
     for path in observed.plaintext_keys:
         what = (
             "delete it from the file"
@@ -1054,11 +1029,10 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
     rows: list[Held] = []
     # expiring: a leaf issued now would be cut short by the CA's end
     longest = max((spec.validity for spec in desired.leaves), default=timedelta(days=365))
-    pairs = [(observed.ca, observed.crl)]
-    if observed.previous is not None:
-        pairs.append((observed.previous, observed.previous_crl or ObservedCRL(Found.MISSING)))
-    for ca, crl in pairs:
-        rows += _ca_rows(ca, crl, longest, desired.crl.refresh_before, now)
+    for ca in (observed.ca, observed.previous):
+        if ca is not None:
+            crl = _crl_of(observed, ca.generation)
+            rows += _ca_rows(ca, crl, longest, desired.crl.refresh_before, now)
     if observed.previous is not None and observed.ca.cert is not None:
         stage, when = rotation_stage(desired, observed, now)
         text = _describe_rotation(stage, when, observed.previous.generation, observed.ca.generation)
@@ -1085,14 +1059,8 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
         on_disk.add(cert.serial)
         spec = specs.get(leaf.ref)
         renew_before = spec.renew_before if spec is not None else DEFAULT_RENEW_BEFORE
-        row = _dated(
-            kind,
-            name,
-            cert.serial,
-            cert.not_after,
-            renew_before.window(cert.not_after - cert.not_before),
-            now,
-        )
+        window = renew_before.window(cert.not_after - cert.not_before)
+        row = _dated(kind, name, cert.serial, cert.not_after, window, now)
         entry = by_serial.get(cert.serial)
         external = entry is not None and entry.issuer is not None
         if (
@@ -1122,15 +1090,9 @@ def status(desired: Desired, observed: Observed, *, now: datetime) -> tuple[Held
         if entry.serial in on_disk or entry.not_after <= now or entry.status is CertStatus.VALID:
             continue  # a valid one whose file is gone: the plan says what happens next
         standing = Standing.REVOKED if entry.status is CertStatus.REVOKED else Standing.SUPERSEDED
+        reason = entry.reason.value if entry.reason else ""
         rows.append(
-            Held(
-                str(entry.kind),
-                entry.name,
-                entry.serial,
-                entry.not_after,
-                standing,
-                entry.reason.value if entry.reason else "",
-            )
+            Held(str(entry.kind), entry.name, entry.serial, entry.not_after, standing, reason)
         )
     return tuple(rows)
 
