@@ -284,14 +284,13 @@ def _unlock_ca(store: StateDir, passphrase: Passphrase, generation: int) -> _Sig
     cert_read, key_read = store.read(cert_path), store.read(key_path)
     if cert_read.found is not Found.OK or key_read.found is not Found.OK:
         raise StateError("the CA files changed while planning; run the command again")
-    try:
-        key = pki.decrypt_key(key_read.data, passphrase.reveal())
-    except (ValueError, TypeError):
+    key = pki.open_key(key_read.data, passphrase.reveal())
+    if key is None:
         raise SecretError(
             f"the CA passphrase from {passphrase.origin} does not unlock {key_path}: set the "
             f"right one; if it is right, {key_path} was replaced (git log -- ca/ shows by whom) "
             "and must be restored; nothing was written"
-        ) from None
+        )
     cert = pki.load_certificates(cert_read.data)[0]
     if not pki.same_public_key(cert.public_key(), key.public_key()):
         raise StateError(
@@ -312,13 +311,7 @@ def _pending_key(action: Accept, store: StateDir, passphrase: Passphrase) -> byt
         or pki.fingerprint(certs[0]) != action.entry.fingerprint
     ):
         raise StateError("the state directory changed while planning; run the command again")
-    try:
-        key = pki.decrypt_key(key_read.data, passphrase.reveal())
-    except (ValueError, TypeError):
-        raise SecretError(
-            f"the key passphrase from {passphrase.origin} does not unlock {path}; set the one "
-            "the existing keys use (nothing was written)"
-        ) from None
+    key = _open_leaf_key(key_read.data, passphrase, path)
     if not pki.same_public_key(key.public_key(), certs[0].public_key()):
         raise StateError(
             f"{path} is not the key of {layout.leaf_cert(action.leaf)} although its CSR is: it "
@@ -334,15 +327,18 @@ def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passp
             read = store.read(layout.leaf_key(leaf.ref))
             if read.found is not Found.OK:
                 continue
-            try:
-                pki.decrypt_key(read.data, passphrase.reveal())
-            except (ValueError, TypeError):
-                raise SecretError(
-                    f"the key passphrase from {passphrase.origin} does not unlock "
-                    f"{layout.leaf_key(leaf.ref)}; set the one the existing keys use "
-                    "(nothing was written)"
-                ) from None
+            _open_leaf_key(read.data, passphrase, layout.leaf_key(leaf.ref))
             return
+
+
+def _open_leaf_key(data: bytes, passphrase: Passphrase, path: str) -> pki.PrivateKey:
+    key = pki.open_key(data, passphrase.reveal())
+    if key is None:
+        raise SecretError(
+            f"the key passphrase from {passphrase.origin} does not unlock {path}; set the one "
+            "the existing keys use (nothing was written)"
+        )
+    return key
 
 
 def _ledger_after(

@@ -358,6 +358,8 @@ _TYPE_WORDS = {
     "number": "a number",
     "boolean": "true or false",
 }
+# the validators whose refusal is explained by the schema's x-hint alone
+_HINTED = frozenset({"pattern", "minLength", "maxLength", "minimum", "maximum", "enum"})
 
 
 def _schema_problems(document: Any, problems: _Problems, refused: set[DocPath]) -> None:
@@ -401,14 +403,7 @@ def _schema_problems(document: Any, problems: _Problems, refused: set[DocPath]) 
             problems.add(path, message + (f"; {hint}" if hint else ""))
         elif error.validator == "const" and hint:
             problems.add(path, f"{error.instance!r} is not supported; {hint}")
-        elif hint and error.validator in {
-            "pattern",
-            "minLength",
-            "maxLength",
-            "minimum",
-            "maximum",
-            "enum",
-        }:
+        elif hint and error.validator in _HINTED:
             problems.add(path, f"{error.instance!r} is not valid; {hint}")
         else:
             problems.add(path, f"{error.message}; fix this value")

@@ -300,8 +300,7 @@ def rotate_passphrase(
             if pem.key_facts(data).found is not Found.OK:
                 continue
             for passphrase in (old, new):
-                with contextlib.suppress(ValueError, TypeError):
-                    key = pki.decrypt_key(data, passphrase.reveal())
+                if (key := pki.open_key(data, passphrase.reveal())) is not None:
                     break
             else:
                 raise SecretError(

@@ -134,13 +134,12 @@ def export(
     if not encrypted or export_passphrase is not None:
         why = "the key is exported decrypted or re-encrypted (--encrypted alone keeps it as stored)"
         key_passphrase = sources.require(Which.KEY, why)
-        try:
-            key = pki.decrypt_key(key_pem, key_passphrase.reveal())
-        except (ValueError, TypeError):
+        key = pki.open_key(key_pem, key_passphrase.reveal())
+        if key is None:
             raise SecretError(
                 f"the key passphrase from {key_passphrase.origin} does not unlock "
                 f"{layout.leaf_key(ref)}; nothing was written"
-            ) from None
+            )
         key_pem = (
             pki.unencrypted_key_pem(key)
             if export_passphrase is None

@@ -118,6 +118,15 @@ def decrypt_key(pem: bytes, passphrase: bytes) -> PrivateKey:
     return key
 
 
+def open_key(pem: bytes, passphrase: bytes) -> PrivateKey | None:
+    """decrypt_key, or None when the passphrase does not open pem (or it holds no key of ours):
+    each caller says in its own words which passphrase to set."""
+    try:
+        return decrypt_key(pem, passphrase)
+    except (ValueError, TypeError):
+        return None
+
+
 def unencrypted_key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
