@@ -190,11 +190,14 @@ def _identity_env(repo: git.Repo, environ: Mapping[str, str]) -> dict[str, str]:
 
 def git_environment(repo: git.Repo, environ: Mapping[str, str]) -> dict[str, str]:
     """What git commands run with on top of this process's environment: the caller's GIT_*
-    variables, a default identity where none is configured, and the passphrases blanked so
-    that no hook or helper git starts can read them."""
+    variables, a default identity where none is configured, the passphrases blanked so that no
+    hook or helper git starts can read them, and no optional locks: `git status` would
+    otherwise take index.lock to refresh the index, outside the operations marked as ours, and
+    a kill at that moment would leave a lock that clear_stale_locks may not remove."""
     env = {name: value for name, value in environ.items() if name.startswith("GIT_")}
     env.update(_identity_env(repo, env))
     env.update(dict.fromkeys(secrets.VARIABLES, ""))
+    env["GIT_OPTIONAL_LOCKS"] = "0"
     return env
 
 

@@ -7,8 +7,10 @@ guard; and a scan of every blob ever committed for an unencrypted private key.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -276,3 +278,33 @@ def test_no_plaintext_private_key_was_ever_committed(remote: Path) -> None:
     assert len(encrypted) >= 5  # the scan sees the keys: CA, alice twice, bob, renewals
     for blob in blobs:
         assert not PLAINTEXT_KEY.search(blob)
+
+
+@pytest.mark.usefixtures("isolated_git")
+def test_the_reconciler_git_never_takes_the_index_lock_to_look(tmp_path: Path) -> None:
+    """`git status` refreshes a stale index under index.lock; killed at that moment, outside the
+    operations marked as ours, it would leave a lock the next run cannot tell from a live one
+    (a rotate-passphrase killed before its commit once did). The reconciler's git runs with
+    GIT_OPTIONAL_LOCKS=0, so looking never writes the index; plain git does."""
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir()
+    git(repo_dir, "init", "--quiet", "-b", "main")
+    (repo_dir / "file").write_text("a\n")
+    git(repo_dir, "add", "file")
+    git(repo_dir, "commit", "--quiet", "-m", "one")
+    index = repo_dir / ".git" / "index"
+
+    def stale_then_look(environ: dict[str, str]) -> bool:
+        """Whether a `git status` of a stale index wrote the index."""
+        os.utime(repo_dir / "file", (1, 1))  # the index's stat data no longer matches
+        before = index.stat().st_mtime_ns
+        time.sleep(0.01)
+        subprocess.run(["git", "status", "--porcelain"], cwd=repo_dir, env=environ, check=True)
+        return index.stat().st_mtime_ns != before
+
+    repo = record.find_repo(repo_dir / "file", {})
+    assert repo is not None
+    ours = {**os.environ, **record.git_environment(repo, {})}
+    assert not stale_then_look(ours)
+    plain = {k: v for k, v in os.environ.items() if k != "GIT_OPTIONAL_LOCKS"}
+    assert stale_then_look(plain)  # so the check above could fail
