@@ -22,7 +22,7 @@ ALL_STATES       = $(if $(MIXED),$(error state/users.yaml and state/ENV/users.ya
                    move state/users.yaml and its files into an environment, state/NAME/),$\
                    $(or $(STATE),$(ENVIRONMENTS),state))
 # A change to the schema, to any .gitattributes, or a diff git cannot make concerns them all.
-CHANGED          = $(shell git diff --name-only $(SINCE) -- 2>/dev/null || echo --all--)
+CHANGED         := $(if $(SINCE),$(shell git diff --name-only $(SINCE) -- 2>/dev/null || echo --all--))
 EVERYTHING       = $(filter --all-- schema/% .gitattributes %/.gitattributes,$(CHANGED))
 STATES           = $(if $(SINCE),$(if $(EVERYTHING),$(ALL_STATES),$\
                    $(foreach s,$(ALL_STATES),$(if $(filter $(s)/%,$(CHANGED)),$(s)))),$(ALL_STATES))
