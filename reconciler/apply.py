@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from cryptography import x509
@@ -318,6 +318,25 @@ def _pending_key(action: Accept, store: StateDir, passphrase: Passphrase) -> byt
             f"was replaced; restore it from git (nothing was written)"
         )
     return key_read.data
+
+
+def rekey(
+    store: StateDir,
+    keys: Mapping[str, bytes],
+    pinned: Ledger | None,
+    unlock: Mapping[int, Passphrase],
+) -> list[str]:
+    """Carry out a passphrase rotation: prove every CA key first (unlock maps each generation
+    to the passphrase its key file opens with as it is now), then write each re-encrypted key
+    file, then the ledger with its pins made true (None: unchanged), signed by the newest CA.
+    The paths written, in order."""
+    signers = {generation: _unlock_ca(store, p, generation) for generation, p in unlock.items()}
+    for path, data in keys.items():
+        store.write(path, data, secret=True)
+    if pinned is None:
+        return list(keys)
+    store.write(layout.LEDGER, ledger.encode(pinned, signers[max(signers)].sign))
+    return [*keys, layout.LEDGER]
 
 
 def _check_key_passphrase(observed: Observed, store: StateDir, passphrase: Passphrase) -> None:

@@ -10,11 +10,21 @@ from datetime import datetime
 from pathlib import Path
 
 from reconciler import apply as apply_stage
-from reconciler import layout, ledger, pem, pki, render
+from reconciler import layout, pem, pki, render
 from reconciler import record as record_stage
 from reconciler.desired import load_desired
 from reconciler.errors import SecretError, StateError, UsageError
-from reconciler.model import CreateCa, Desired, Found, Held, Ledger, Observed, Plan, format_time
+from reconciler.model import (
+    CreateCa,
+    Desired,
+    Found,
+    Held,
+    Ledger,
+    Observed,
+    Plan,
+    RetireCa,
+    format_time,
+)
 from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
 from reconciler.plan import status as make_status
@@ -318,24 +328,17 @@ def rotate_passphrase(
                     owners[path] = serial
         on_disk = _pinned(before, {path: f[0] for path, f in files.items()}, owners, cas)
         plan = make_plan(snap.desired, replace(snap.observed, ledger=on_disk), now=now)
-        if plan.blockers or any(action.kind == "ca" for action in plan.changes):
+        if plan.blockers or any(isinstance(a, CreateCa | RetireCa) for a in plan.changes):
             raise StateError(" ".join(plan.blockers) or "the plan changes the CA: apply it first")
-        signer, *_ = [  # every CA key is proved to be its certificate's; the newest signs
-            apply_stage._unlock_ca(store, files[path][2] if path in files else ca_pass, generation)
-            for generation, path in cas.items()
-        ]
-        rewritten = [path for path, (data, rekeyed, _) in files.items() if rekeyed is not data]
-        for path in rewritten:
-            store.write(path, files[path][1], secret=True)
+        rewritten = {path: f[1] for path, f in files.items() if f[1] is not f[0]}
         after = _pinned(before, {path: f[1] for path, f in files.items()}, owners, cas)
-        if after != before:
-            store.write(layout.LEDGER, ledger.encode(after, signer.sign))
+        unlock = {g: files[path][2] if path in files else ca_pass for g, path in cas.items()}
+        changed = apply_stage.rekey(store, rewritten, after if after != before else None, unlock)
         what = "ca: CA" if which is Which.CA else "keys: leaf"
         message = (
             f"rotate-passphrase {what} key files re-encrypted under a new {which.label} "
             f"passphrase\n\nledger.jsonl pins the new files.\n\nRotated-at: {format_time(now)}\n"
         )
-        changed = [*rewritten, *[layout.LEDGER] * (after != before)]
         committed = None
         if repo is not None:
             committed = record_stage.record(repo, state_dir, changed, lambda *_: message)
