@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import signal
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -126,3 +128,26 @@ def users_yaml(
 def ledger_of(state: Path) -> Ledger:
     """The state directory's ledger, as the reconciler reads it."""
     return ledger.decode((state / "ledger.jsonl").read_bytes())[0]
+
+
+def kill_when(argv: Sequence[str], env: Mapping[str, str], reached: Callable[[], bool]) -> bool:
+    """Run argv in a process group of its own and SIGKILL the group (git included) as soon as
+    reached() says the moment has come: a moment chosen by the command's progress, never by a
+    clock. False when the command finished first (it must have succeeded)."""
+    process = subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300  # a bound, not a moment: only a hung command reaches it
+    while process.poll() is None and not reached():
+        assert time.monotonic() < deadline, f"{argv[-1]} made no progress"
+        time.sleep(0.001)
+    if process.poll() is not None:
+        assert process.wait() == 0, process.stderr.read() if process.stderr else ""
+        return False
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return True

@@ -13,10 +13,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from support import (
     cert,
     crl_serials,
     files_under,
+    kill_when,
     ledger_of,
     run,
     users_yaml,
@@ -420,23 +419,7 @@ def _kill_at(command: list[str], env: dict[str, str], state: Path, moment: int |
     for name in ("ledger.jsonl", "ca/crl.pem"):
         info = (state / name).stat()
         before[name] = (info.st_ino, info.st_mtime_ns)
-    process = subprocess.Popen(
-        [*command, "apply"],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 300  # a bound, not a moment: only a hung apply reaches it
-    while process.poll() is None and not _progress(state, before, moment):
-        assert time.monotonic() < deadline, "the apply made no progress"
-        time.sleep(0.001)
-    if process.poll() is not None:
-        assert process.wait() == 0, process.stderr.read() if process.stderr else ""
-        return False
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    return True
+    return kill_when([*command, "apply"], env, lambda: _progress(state, before, moment))
 
 
 @pytest.mark.slow

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from support import (
     at,
     files_under,
     git,
+    kill_when,
     ledger_of,
     run,
     users_yaml,
@@ -308,14 +307,6 @@ def _kill_at(command: list[str], env: dict[str, str], state: Path, what: str, mo
     keys = key_files(state, what)
     watched = [state / "ledger.jsonl"] if moment == 0 else keys
     before = _stamps(state, watched)
-    process = subprocess.Popen(
-        [*command, "rotate-passphrase", what],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 300  # a bound, not a moment: only a hung run reaches it
 
     def reached() -> bool:
         try:
@@ -324,15 +315,7 @@ def _kill_at(command: list[str], env: dict[str, str], state: Path, what: str, mo
             return False
         return sum(1 for p in watched if now[p] != before[p]) >= max(moment, 1)
 
-    while process.poll() is None and not reached():
-        assert time.monotonic() < deadline, "the rotation made no progress"
-        time.sleep(0.001)
-    if process.poll() is not None:
-        assert process.wait() == 0, process.stderr.read() if process.stderr else ""
-        return False
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    return True
+    return kill_when([*command, "rotate-passphrase", what], env, reached)
 
 
 @pytest.mark.slow

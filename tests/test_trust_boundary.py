@@ -30,6 +30,7 @@ from support import (
     files_under,
     git,
     iso,
+    kill_when,
     ledger_of,
     run,
     users_yaml,
@@ -409,24 +410,13 @@ def test_a_clock_gone_back_re_signs_the_crl_and_re_issues(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- 9. a first apply
 
 
-def _kill_when(argv: list[str], env: dict[str, str], path: Path) -> None:
-    process = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
-    try:
-        while process.poll() is None and not path.exists():
-            pass
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 9)
-        process.wait()
-
-
 def test_a_first_apply_killed_after_the_ca_converges(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / "users.yaml").write_text(users_yaml(USERS))
     env = {**os.environ, **SECRETS}
     argv = [sys.executable, "-m", "reconciler", "--state", str(state), "--now", iso(T0)]
-    _kill_when([*argv, "apply", "--no-commit"], env, state / "ca" / "ca.crt")
+    kill_when([*argv, "apply", "--no-commit"], env, (state / "ca" / "ca.crt").exists)
     # killed once ca.crt is there: at once, or (the kill takes a moment to land) a few files
     # later; either way the next apply must finish what the first began
     assert (state / "ca" / "ca.crt").exists()
