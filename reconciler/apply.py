@@ -155,8 +155,6 @@ def apply(
             case Revoke(leaf=leaf, remove_files=True):
                 for path in (layout.leaf_key(leaf), layout.leaf_cert(leaf)):
                     writer.remove(path)
-                for path in layout.request_files(leaf):
-                    writer.remove(path)
             case Accept(leaf=leaf):  # recorded, and its key in place: the request is done
                 writer.remove(layout.pending_key(leaf))
                 writer.remove(layout.leaf_request(leaf))

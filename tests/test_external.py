@@ -455,3 +455,17 @@ def test_back_to_our_ca_issues_ours_and_removes_the_request(pending: tuple[Path,
     assert not (state / PENDING).exists()
     assert (state / CRT).exists()
     assert run(state, "plan", "--detailed-exitcode", environ={}).code == 0
+
+
+def test_a_pending_server_that_leaves_users_yaml_leaves_no_request(
+    pending: tuple[Path, Path],
+) -> None:
+    state, _ = pending
+    without = USERS[: USERS.index("servers:")] + "servers: []\n"
+    (state / "users.yaml").write_text(without)
+    planned = run(state, "plan", environ={})
+    assert "no request is pending, remove" in planned.out, planned.out
+    assert run(state, "apply", "--no-commit").code == 0
+    assert not (state / CSR).exists()
+    assert not (state / PENDING).exists()
+    assert run(state, "plan", "--detailed-exitcode", environ={}).code == 0
