@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,11 +112,15 @@ class Cluster:
         )
 
     def reload(self) -> None:
+        """Signal a reload and wait until the postmaster has re-read its files: a new connection
+        then sees pg_conf_load_time move (it copies the postmaster's time at fork)."""
+        before = self.sql("select pg_conf_load_time()").stdout
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload")
-        # wait until the postmaster has re-read its files: a trivial query over the socket
-        for _ in range(50):
-            if self.sql("select 1").returncode == 0:
-                break
+        deadline = time.monotonic() + 30
+        while self.sql("select pg_conf_load_time()").stdout == before:
+            if time.monotonic() > deadline:
+                pytest.fail("PostgreSQL did not reload its configuration")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self._run(
@@ -151,6 +156,16 @@ class Cluster:
             return (self.root / "server.log").read_text()
         except OSError:
             return ""
+
+    def logs(self, text: str, since: int = 0, seconds: float = 10) -> bool:
+        """Whether the server log, from offset since, says text within seconds: a backend
+        writes why it refused a connection after the client has already seen the refusal."""
+        deadline = time.monotonic() + seconds
+        while text not in self.log()[since:]:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 @contextlib.contextmanager
