@@ -7,13 +7,14 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from reconciler import apply as apply_stage
 from reconciler import layout, pem, pki, render
 from reconciler import record as record_stage
-from reconciler.desired import load_desired
-from reconciler.errors import SecretError, StateError, UsageError
+from reconciler.desired import load_desired, parse_desired
+from reconciler.errors import DesiredStateError, SecretError, StateError, UsageError
 from reconciler.model import (
     CreateCa,
     Desired,
@@ -23,13 +24,14 @@ from reconciler.model import (
     Observed,
     Plan,
     RetireCa,
+    TrustRoot,
     format_time,
 )
 from reconciler.observe import observe
 from reconciler.plan import plan as make_plan
 from reconciler.plan import status as make_status
 from reconciler.secrets import Passphrase, SecretSources, Which
-from reconciler.store import LockTimeout, StateDir
+from reconciler.store import FileRead, LockTimeout, StateDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,31 @@ def plan_state(
         if repo is None:
             raise UsageError("--base needs the state directory inside a git work tree")
         changed = record_stage.changed_since(repo, state_dir, base)
-        observed = dataclasses.replace(observed, changed_from_base=changed, base=base)
+        observed = dataclasses.replace(
+            observed,
+            changed_from_base=changed,
+            base=base,
+            base_trust=_trust_at(partial(record_stage.file_at, repo, state_dir, base))
+            if any(how == "deleted" for _, how in changed)
+            else (),
+        )
     return make_plan(snap.desired, observed, now=now)
+
+
+def _trust_at(file_at: Callable[[str], bytes | None]) -> tuple[TrustRoot, ...]:
+    """The trust roots users.yaml lists at the base revision file_at reads, by the one loader:
+    a pull request may delete those files. None when that users.yaml does not load (nothing
+    may be deleted then)."""
+
+    def read(relative: str) -> FileRead:
+        data = file_at(relative)
+        return FileRead(Found.MISSING) if data is None else FileRead(Found.OK, data)
+
+    users = read(layout.USERS_YAML)
+    try:
+        return parse_desired(users.data.decode(), read=read).trust
+    except (DesiredStateError, UnicodeDecodeError):
+        return ()
 
 
 def status(state_dir: Path, now: datetime) -> tuple[Held, ...]:

@@ -360,6 +360,7 @@ class Observed:
     # plan --base REF: (path, how) of every path but users.yaml that differs from REF
     changed_from_base: tuple[tuple[str, str], ...] = ()
     base: str | None = None
+    base_trust: tuple[TrustRoot, ...] = ()  # the roots base's users.yaml lists
     # during a CA rotation, the older CA and its CRL
     previous: ObservedCA | None = None
     previous_crl: ObservedCRL | None = None
@@ -380,7 +381,7 @@ class ActionKind(enum.StrEnum):
     REPAIR = "repair"
     REQUEST = "request"  # a new key and CSR for an external CA
     ACCEPT = "accept"  # an external CA's signed certificate, checked and recorded
-    TRUST = "trust"  # plan --base: a trust root a pull request adds or changes
+    TRUST = "trust"  # plan --base: a trust root a pull request adds, changes or deletes
     WAITING = "waiting"  # for a signed certificate: not a change
     NOOP = "noop"
 
@@ -552,8 +553,9 @@ class Accept(LeafAction):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrustChange:
-    """plan --base: a trust root the pull request adds or changes, which every client's
-    root.crt will trust. Nothing for apply to do: the review is the point."""
+    """plan --base: a trust root the pull request adds, changes or deletes, which every
+    client's root.crt will (or will no longer) trust. Nothing for apply to do: the review is
+    the point."""
 
     kind: ClassVar[ActionKind] = ActionKind.TRUST
     subject: str  # the file

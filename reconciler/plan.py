@@ -871,7 +871,8 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
             ctx.block(
                 f"{path}: {how}, compared with {observed.base}; only users.yaml may change in a "
                 "pull request (everything else is written by apply, after the merge), but for "
-                "the signed certificate of a server whose CSR is pending and the trust roots"
+                "the signed certificate of a server whose CSR is pending and the trust roots "
+                "(a trust file may go only with its entry in trust)"
             )
         elif isinstance(allowed, TrustChange):
             actions.append(allowed)
@@ -954,9 +955,22 @@ def plan(desired: Desired, observed: Observed, *, now: datetime) -> Plan:
 
 
 def _allowed_from_base(ctx: _Context, path: str, how: str) -> TrustChange | bool | None:
-    """What plan --base lets a pull request change besides users.yaml (a file, added or
-    changed): the signed certificate of a server whose CSR is pending and unchanged (True; its
-    action shows it), and a trust root (a TrustChange that shows it). None: refused."""
+    """What plan --base lets a pull request change besides users.yaml: the signed certificate
+    of a server whose CSR is pending and unchanged, added or changed (True; its action shows
+    it), and a trust root, added, changed, or deleted with its entry in trust (a TrustChange
+    that shows it). None: refused."""
+    if how == "deleted":
+        gone = next((root for root in ctx.observed.base_trust if root.path == path), None)
+        if gone is None or any(root.path == path for root in ctx.desired.trust):
+            return None
+        return TrustChange(
+            path,
+            (
+                f"deleted in this pull request, with its entry in trust: every client's "
+                f"root.crt will stop trusting servers certified by {_dn(gone.subject)} (SHA-256 "
+                f"{gone.fingerprint}); a server whose chain ends there needs a new certificate",
+            ),
+        )
     if how not in ("changed", "added (a file)", "added (a file, not committed)"):
         return None
     root = next((root for root in ctx.desired.trust if root.path == path), None)

@@ -131,6 +131,17 @@ _MODES = {
 }
 
 
+def file_at(repo: git.Repo, state_dir: Path, ref: str, relative: str) -> bytes | None:
+    """A file of the state directory as revision ref holds it; None when it holds none there."""
+    root = Path(str(repo.working_tree_dir)).resolve()
+    path = (state_dir.resolve().relative_to(root) / relative).as_posix()
+    try:
+        data: bytes = repo.git.show(f"{ref}:{path}", stdout_as_string=False)
+    except git.GitCommandError:
+        return None
+    return data
+
+
 def changed_since(repo: git.Repo, state_dir: Path, ref: str) -> tuple[tuple[str, str], ...]:
     """Every path under the state directory that differs from revision ref (added, changed,
     deleted, another type or mode, or not committed), relative to the state directory, and

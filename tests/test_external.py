@@ -445,6 +445,42 @@ def test_plan_base_lets_a_pull_request_commit_the_signed_chain_and_trust_roots(
         git(work, "reset", "--quiet", "--hard", "HEAD~1")
 
 
+def test_plan_base_lets_a_pull_request_retire_a_trust_root_with_its_entry(
+    pending: tuple[Path, Path],
+) -> None:
+    state, _ = pending
+    work = state.parent
+    other = make_ca(work / "other", "Other")
+    shutil.copy(other / "root.pem", state / "trust" / "other-root.pem")
+    shutil.copy(other / "root.pem", state / "trust" / "unlisted.pem")  # never in trust
+    two_roots = USERS.replace("corp-root.pem]", "corp-root.pem, trust/other-root.pem]")
+    (state / "users.yaml").write_text(two_roots)
+    git(work, "init", "--quiet", "-b", "main")
+    git(work, "add", "state")
+    git(work, "commit", "--quiet", "-m", "two trust roots")
+    git(work, "checkout", "--quiet", "-b", "retire")
+    (state / "trust" / "other-root.pem").unlink()
+    (state / "users.yaml").write_text(USERS)
+    git(work, "commit", "--quiet", "-am", "retire the other root")
+    planned = run(state, "plan", "--base", "main", environ={})
+    assert planned.code == 0, planned.out + planned.err
+    assert "trust/other-root.pem" in planned.out
+    assert "stop trusting servers certified by O=Corp, CN=Other Root CA" in planned.out
+    # a trust file deleted while users.yaml still lists it: the usual file:line error
+    git(work, "checkout", "--quiet", "HEAD~1", "--", "state/users.yaml")
+    kept = run(state, "plan", "--base", "main", environ={})
+    assert kept.code == 1
+    assert "trust/other-root.pem does not exist" in kept.err
+    git(work, "checkout", "--quiet", "HEAD", "--", "state/users.yaml")
+    # a file base's trust never listed, and our own files, stay refused when deleted
+    for path in ("trust/unlisted.pem", "ledger.jsonl", str(CSR)):
+        (state / path).unlink()
+        blocked = run(state, "plan", "--base", "main", environ={})
+        assert blocked.code == 1, blocked.out
+        assert f"{path}: deleted, compared with main" in blocked.out
+        git(work, "checkout", "--quiet", "HEAD", "--", f"state/{path}")
+
+
 def test_back_to_our_ca_issues_ours_and_removes_the_request(pending: tuple[Path, Path]) -> None:
     state, _ = pending
     (state / "users.yaml").write_text(USERS.replace("    issuer: external\n", ""))
