@@ -151,6 +151,26 @@ class Cluster:
             check=False,
         )
 
+    def login(
+        self, files: Path, role: str, *, host: str, options: str = "", home: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """psql as role with a libpq export's files and sslmode=verify-full: to 127.0.0.1,
+        checking that the server's certificate names host. options: more conninfo, which
+        overrides. HOME is home (files by default), so no ~/.postgresql of the machine's is
+        read."""
+        conninfo = (
+            f"host={host} hostaddr=127.0.0.1 port={self.port} dbname=postgres user={role} "
+            f"sslmode=verify-full sslcert={files}/postgresql.crt sslkey={files}/postgresql.key "
+            f"sslrootcert={files}/root.crt connect_timeout=10 {options}"
+        )
+        return subprocess.run(
+            [str(self.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HOME": str(home or files)},
+            timeout=60,
+        )
+
     def log(self) -> str:
         try:
             return (self.root / "server.log").read_text()

@@ -137,18 +137,7 @@ class Fleet:
     def psql(self, role: str, *, files_of: str | None = None) -> subprocess.CompletedProcess[str]:
         """Log in as role over TLS with verify-full, with the files deployed for role (or for
         files_of) on the client host."""
-        files = self.clients / (files_of or role)
-        conninfo = (
-            f"host={SERVER} hostaddr=127.0.0.1 port={self.pg.port} dbname=postgres user={role} "
-            f"sslmode=verify-full sslcert={files}/postgresql.crt sslkey={files}/postgresql.key "
-            f"sslrootcert={files}/root.crt connect_timeout=10"
-        )
-        return subprocess.run(
-            [str(self.pg.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HOME": str(self.base)},  # no ~/.postgresql files
-        )
+        return self.pg.login(self.clients / (files_of or role), role, host=SERVER)
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

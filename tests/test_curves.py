@@ -8,7 +8,6 @@ and docs/postgresql.md says which server setting avoids it; this test shows both
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,18 +59,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
 
 
 def login(pg: Cluster, files: Path, role: str, tls: str) -> subprocess.CompletedProcess[str]:
-    conninfo = (
-        f"host={SERVER} hostaddr=127.0.0.1 port={pg.port} dbname=postgres user={role} "
-        f"sslmode=verify-full sslcert={files}/postgresql.crt sslkey={files}/postgresql.key "
-        f"sslrootcert={files}/root.crt ssl_min_protocol_version={tls} "
-        f"ssl_max_protocol_version={tls} connect_timeout=10"
-    )
-    return subprocess.run(
-        [str(pg.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HOME": str(files)},
-    )
+    tls_options = f"ssl_min_protocol_version={tls} ssl_max_protocol_version={tls}"
+    return pg.login(files, role, host=SERVER, options=tls_options)
 
 
 def test_p384_client_fails_on_tls12_and_logs_in_on_tls13(server: tuple[Cluster, Path]) -> None:

@@ -219,30 +219,12 @@ def test_the_signed_chain_is_accepted_and_postgresql_serves_it(pending: tuple[Pa
         pg.write_hba(f"local all all trust\n{hba.out}")
         pg.start()
         assert pg.sql("create role alice login").returncode == 0
-        conninfo = (
-            f"host={SERVER} hostaddr=127.0.0.1 port={pg.port} dbname=postgres user=alice "
-            f"sslmode=verify-full sslcert={client}/postgresql.crt "
-            f"sslkey={client}/postgresql.key sslrootcert={client}/root.crt"
-        )
-        done = subprocess.run(
-            [str(pg.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
-            capture_output=True,
-            text=True,
-        )
+        done = pg.login(client, "alice", host=SERVER)
         assert done.returncode == 0, done.stderr + pg.log()[-2000:]
         assert done.stdout.strip() == "alice"
         # the client's bundle without the external root cannot verify the server
         (client / "ours.crt").write_bytes((state / "ca" / "ca.crt").read_bytes())
-        refused = subprocess.run(
-            [
-                str(pg.bindir / "psql"),
-                conninfo.replace("root.crt", "ours.crt"),
-                "-XAtc",
-                "select 1",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        refused = pg.login(client, "alice", host=SERVER, options=f"sslrootcert={client}/ours.crt")
         assert refused.returncode != 0
         assert "certificate verify failed" in refused.stderr
 

@@ -9,7 +9,6 @@ with `export --layout server`, its pg_hba.conf from `reconciler hba`; clients ar
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -66,17 +65,7 @@ class Deployment:
     def psql(
         self, files: Path, role: str, *, host: str = SERVER
     ) -> subprocess.CompletedProcess[str]:
-        conninfo = (
-            f"host={host} hostaddr=127.0.0.1 port={self.pg.port} dbname=postgres user={role} "
-            f"sslmode=verify-full sslcert={files}/postgresql.crt sslkey={files}/postgresql.key "
-            f"sslrootcert={files}/root.crt sslcrl={files}/root.crl connect_timeout=10"
-        )
-        return subprocess.run(
-            [str(self.pg.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PGSSLMODE": "verify-full", "HOME": str(self.exports)},
-        )
+        return self.pg.login(files, role, host=host, options=f"sslcrl={files}/root.crl")
 
     def logs_in_as(self, files: Path, role: str) -> str:
         done = self.psql(files, role)

@@ -15,7 +15,6 @@ ssl_ca_file and ssl_crl_file do not work, since OpenSSL looks issuers and CRLs u
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -69,17 +68,7 @@ class Rotation:
         self.pg.reload()
 
     def login(self, files: Path, role: str) -> subprocess.CompletedProcess[str]:
-        conninfo = (
-            f"host={SERVER} hostaddr=127.0.0.1 port={self.pg.port} dbname=postgres user={role} "
-            f"sslmode=verify-full sslcert={files}/postgresql.crt "
-            f"sslkey={files}/postgresql.key sslrootcert={files}/root.crt connect_timeout=10"
-        )
-        return subprocess.run(
-            [str(self.pg.bindir / "psql"), conninfo, "-XAtc", "select current_user"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HOME": str(files)},
-        )
+        return self.pg.login(files, role, host=SERVER)
 
     def logs_in(self, files: Path, role: str) -> bool:
         return self.login(files, role).stdout.strip() == role
