@@ -16,11 +16,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import eventually
 
 
 def find_bindir() -> Path | None:
@@ -116,11 +116,8 @@ class Cluster:
         then sees pg_conf_load_time move (it copies the postmaster's time at fork)."""
         before = self.sql("select pg_conf_load_time()").stdout
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload")
-        deadline = time.monotonic() + 30
-        while self.sql("select pg_conf_load_time()").stdout == before:
-            if time.monotonic() > deadline:
-                pytest.fail("PostgreSQL did not reload its configuration")
-            time.sleep(0.05)
+        if not eventually(lambda: self.sql("select pg_conf_load_time()").stdout != before, 30):
+            pytest.fail("PostgreSQL did not reload its configuration")
 
     def stop(self) -> None:
         self._run(
@@ -180,12 +177,7 @@ class Cluster:
     def logs(self, text: str, since: int = 0, seconds: float = 10) -> bool:
         """Whether the server log, from offset since, says text within seconds: a backend
         writes why it refused a connection after the client has already seen the refusal."""
-        deadline = time.monotonic() + seconds
-        while text not in self.log()[since:]:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        return eventually(lambda: text in self.log()[since:], seconds)
 
 
 @contextlib.contextmanager

@@ -130,6 +130,17 @@ def ledger_of(state: Path) -> Ledger:
     return ledger.decode((state / "ledger.jsonl").read_bytes())[0]
 
 
+def eventually(check: Callable[[], bool], seconds: float = 10) -> bool:
+    """Whether check() turns true within seconds: for what a server does a moment after it
+    was asked (a reload, a log line written after the client saw the refusal)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def kill_when(argv: Sequence[str], env: Mapping[str, str], reached: Callable[[], bool]) -> bool:
     """Run argv in a process group of its own and SIGKILL the group (git included) as soon as
     reached() says the moment has come: a moment chosen by the command's progress, never by a

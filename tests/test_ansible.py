@@ -16,7 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pgcluster import Cluster, cluster
-from support import GIT_IDENTITY, KEY_PASSPHRASE, SECRETS, git, run, users_yaml
+from support import GIT_IDENTITY, KEY_PASSPHRASE, SECRETS, eventually, git, run, users_yaml
 
 from reconciler.desired import load_desired
 from reconciler.pem import PLAINTEXT_KEY
@@ -154,16 +154,6 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 def succeeded(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     return done.stdout
-
-
-def eventually(check: Callable[[], bool], seconds: float = 10) -> bool:
-    """PostgreSQL rereads its files a moment after the reload signal."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def der_sequence_body(der: bytes) -> bytes:
