@@ -437,9 +437,13 @@ def test_plan_base_lets_a_pull_request_retire_a_trust_root_with_its_entry(
     shutil.copy(other / "root.pem", state / "trust" / "unlisted.pem")  # never in trust
     two_roots = USERS.replace("corp-root.pem]", "corp-root.pem, trust/other-root.pem]")
     (state / "users.yaml").write_text(two_roots)
+    sign(other, state / CSR, state / CRT, sans=GOOD_SANS)  # the server's chain ends at Other
+    accepted = run(state, "apply", "--no-commit")
+    assert accepted.code == 0, accepted.err
+    assert (state / KEY).exists()
     git(work, "init", "--quiet", "-b", "main")
     git(work, "add", "state")
-    git(work, "commit", "--quiet", "-m", "two trust roots")
+    git(work, "commit", "--quiet", "-m", "two trust roots, the server on Other's")
     git(work, "checkout", "--quiet", "-b", "retire")
     (state / "trust" / "other-root.pem").unlink()
     (state / "users.yaml").write_text(USERS)
@@ -448,6 +452,10 @@ def test_plan_base_lets_a_pull_request_retire_a_trust_root_with_its_entry(
     assert planned.code == 0, planned.out + planned.err
     assert "trust/other-root.pem" in planned.out
     assert "stop trusting servers certified by O=Corp, CN=Other Root CA" in planned.out
+    # ... and the server whose chain ended there asks for a new certificate
+    server = next(line for line in planned.out.splitlines() if f"server/{SERVER}" in line)
+    assert server.startswith("request"), planned.out
+    assert "its chain no longer verifies to a trust root" in server
     # a trust file deleted while users.yaml still lists it: the usual file:line error
     git(work, "checkout", "--quiet", "HEAD~1", "--", "state/users.yaml")
     kept = run(state, "plan", "--base", "main", environ={})
@@ -455,7 +463,7 @@ def test_plan_base_lets_a_pull_request_retire_a_trust_root_with_its_entry(
     assert "trust/other-root.pem does not exist" in kept.err
     git(work, "checkout", "--quiet", "HEAD", "--", "state/users.yaml")
     # a file base's trust never listed, and our own files, stay refused when deleted
-    for path in ("trust/unlisted.pem", "ledger.jsonl", str(CSR)):
+    for path in ("trust/unlisted.pem", "ledger.jsonl", str(CRT)):
         (state / path).unlink()
         blocked = run(state, "plan", "--base", "main", environ={})
         assert blocked.code == 1, blocked.out
